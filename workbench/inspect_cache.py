@@ -1,0 +1,64 @@
+"""`workbench inspect CACHE`: what a cache holds and what the sink filter did, shard by shard."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from workbench.cache import ActivationCache
+from workbench.sink import SINK
+
+
+def sink_statistics(cache: ActivationCache, layer: int) -> dict:
+    """Per layer: sink count, the norm/median ratios of sinks and kept tokens, the commonest sink tokens
+    and positions. Reads only the per-token metadata, one shard at a time."""
+    sink_ids: Counter[int] = Counter()
+    sink_pos: Counter[int] = Counter()
+    max_kept_ratio, ratios = 0.0, []
+    for shard in range(len(cache.shards)):
+        h5 = cache._h5(shard)
+        g = h5[f"layer_{layer}"]
+        reason = g["drop_reason"][:]
+        batch = h5["tokens/batch"][:] - int(h5.attrs["first_batch"])
+        ratio = g["norm"][:] / g["batch_median"][:][batch]
+        sink = reason == SINK
+        sink_ids.update(h5["tokens/token_id"][:][sink].tolist())
+        sink_pos.update(h5["tokens/position"][:][sink].tolist())
+        ratios.append(ratio[sink])
+        if (reason == 0).any():
+            max_kept_ratio = max(max_kept_ratio, float(ratio[reason == 0].max()))
+    sink_ratio = np.concatenate(ratios) if ratios else np.zeros(0)
+    return {"sinks": int(len(sink_ratio)), "sink_ratio_min": float(sink_ratio.min()) if len(sink_ratio) else None,
+            "sink_ratio_median": float(np.median(sink_ratio)) if len(sink_ratio) else None,
+            "kept_ratio_max": max_kept_ratio, "top_tokens": sink_ids.most_common(), "top_positions": sink_pos.most_common()}
+
+
+def describe(path: str, top: int = 10) -> str:
+    with ActivationCache(path) as cache:
+        m = cache.manifest
+        s = m["summary"]
+        rec = m["recipe"]
+        lines = [
+            f"cache      {path}",
+            f"model      {rec['model']['name']} ({m['num_model_layers']} layers, d_model {cache.d_model}, {m['model_dtype']})",
+            f"stored as  {cache.store_dtype}; layers {cache.layers}",
+            f"data       {rec['data']['path']} context {rec['data']['context_length']} packing {rec['data']['packing']}",
+            f"filter     sink multiple {rec['collect']['sink_multiple']} (median over {rec['collect']['sink_median']} tokens), "
+            f"drop first token {rec['collect']['drop_first_token']}",
+            f"size       {s['tokens']:,} tokens in {s['sequences']:,} sequences, {s['shards']} shards, {s['bytes'] / 2**20:,.1f} MiB",
+            "",
+            f"{'layer':>6} {'kept':>12} {'first':>9} {'sinks':>9} {'sink %':>8} {'sink/median min..med':>22} {'kept max':>9}",
+        ]
+        details = []
+        for layer in cache.layers:
+            ls = s["layers"][str(layer)]
+            st = sink_statistics(cache, layer)
+            span = "-" if st["sinks"] == 0 else f"{st['sink_ratio_min']:.1f}..{st['sink_ratio_median']:.1f}x"
+            lines.append(f"{layer:>6} {ls['kept']:>12,} {ls['first_token']:>9,} {ls['sink']:>9,} "
+                         f"{100 * ls['sink'] / max(s['tokens'], 1):>7.3f}% {span:>22} {st['kept_ratio_max']:>8.2f}x")
+            if st["top_tokens"]:
+                toks = ", ".join(f"{t}:{n}" for t, n in st["top_tokens"][:top])
+                pos = ", ".join(f"{p}:{n}" for p, n in st["top_positions"][:top])
+                details.append(f"layer {layer} sink token ids (id:count) {toks}; positions {pos}")
+        return "\n".join(lines + [""] + details)
