@@ -97,11 +97,35 @@ class TrainConfig:
 
 
 @dataclass
+class ThresholdConfig:
+    method: str = "l0"  # ema | batch-min | l0: how the JumpReLU threshold is derived after training
+    num_tokens: int = 50_000  # held-out cache tokens used to derive and report it
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["dictionary_learning", "saelens"])
+    out: str = "checkpoints/export"
+    series_name: str | None = None  # dictionary_learning series folder, e.g. saes_Qwen_Qwen3-8B_batch_top_k
+    allow_uncalibrated: bool = False  # export an SAE whose threshold was never set (-1)
+
+
+@dataclass
+class EvalConfig:
+    num_tokens: int = 20_000  # held-out text tokens run through the model with the SAE spliced in
+    batch_size: int = 8  # sequences per forward
+    splice_all: bool = False  # also splice sink and first tokens (default: they pass through unreconstructed)
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def _nearest(key: str, choices: list[str]) -> str:
@@ -255,6 +279,9 @@ def fingerprint(data: dict) -> str:
 __all__ = [
     "CollectConfig",
     "DataConfig",
+    "EvalConfig",
+    "ExportConfig",
+    "ThresholdConfig",
     "ModelConfig",
     "Recipe",
     "SAEConfig",
