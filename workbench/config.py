@@ -128,9 +128,11 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def _nearest(key: str, choices: list[str]) -> str:
+def _nearest(key: str, choices: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(choices))})"
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid keys here: {', '.join(prefix + c for c in sorted(choices))})"
 
 
 def _check_keys(raw: Any, schema: type, prefix: str) -> None:
@@ -141,7 +143,7 @@ def _check_keys(raw: Any, schema: type, prefix: str) -> None:
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise WorkbenchError(f"unknown recipe key '{dotted}'{_nearest(str(key), list(names))}")
+            raise WorkbenchError(f"unknown recipe key '{dotted}'{_nearest(str(key), list(names), prefix)}")
         sub = _dataclass_of(names[key])
         if sub is not None and isinstance(value, dict):
             _check_keys(value, sub, dotted + ".")
