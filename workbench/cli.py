@@ -2,6 +2,12 @@
 
     workbench collect RECIPE [key=value ...]     activations -> HDF5 cache
     workbench inspect CACHE                      what a cache holds, with its sink statistics
+    workbench plan RECIPE [key=value ...]        what a recipe means (layers, tokens, disk, steps, paths), offline
+    workbench eval SAE|RUN [RECIPE] [k=v ...]    LM loss with the SAE(s) spliced in (frac_recovered, KL)
+    workbench threshold SAE [--method ...]       the JumpReLU threshold (ema | batch-min | l0), written into the SAE
+    workbench export RUN --to FMT --out DIR      every SAE of a training run, with a model card
+    workbench convert SRC --to FMT --out DST     one SAE folder, dictionary_learning <-> SAELens, exactly
+    workbench verify DIR [--cache CACHE]         each SAE against its reference library (separate process)
 
 User errors (WorkbenchError) print one line and exit 2; anything else keeps its traceback.
 """
@@ -35,11 +41,110 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from workbench.config import load_recipe
+    from workbench.plan import plan, render
+
+    print(render(plan(load_recipe(args.recipe, args.overrides), args.recipe)))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from workbench.evaluate import evaluate_folders, render
+
+    rest = list(args.rest)
+    recipe = rest.pop(0) if rest and "=" not in rest[0] else None
+    for folder, results in evaluate_folders(args.sae, recipe, rest, write=not args.no_write).items():
+        print(f"{folder}\n{render(results)}\n")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", help="a dictionary_learning SAE folder (ae.pt + config.json), or a run directory "
+                               "(train.out): every SAE under it, with one model load")
+    p.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value ...]",
+                   help="the recipe the SAE was trained with (text, model dtype, eval section; default: built-in "
+                        "defaults with the SAE's trainer.lm_name), then dotlist overrides, e.g. eval.num_tokens=4096")
+    p.add_argument("--no-write", action="store_true", help="print only; do not merge into eval_results.json")
+
+
+def cmd_threshold(args: argparse.Namespace) -> int:
+    from workbench.threshold import calibrate, render
+
+    print(render(calibrate(args.sae, cache=args.cache, method=args.method, batch_size=args.batch_size,
+                           num_tokens=args.num_tokens, device=args.device, write=not args.no_write)))
+    return 0
+
+
+def _threshold_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", help="a BatchTopK / Matryoshka SAE folder (ae.pt + config.json)")
+    p.add_argument("--cache", help="activation cache with the SAE's layer (default: the one in its config.json)")
+    p.add_argument("--method", choices=("ema", "batch-min", "l0"), help="which threshold to write (default: l0)")
+    p.add_argument("--batch-size", type=int, help="tokens per batch (default: the SAE's training batch)")
+    p.add_argument("--num-tokens", type=int, help="held-out tokens to use (default: 50000)")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--no-write", action="store_true", help="report only; leave the SAE unchanged")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from workbench.export import export_run
+
+    saes = export_run(args.run, args.to, args.out, allow_uncalibrated=args.allow_uncalibrated, series_name=args.series)
+    for sae in saes:
+        print(f"{sae.source} -> {sae.folder}")
+    print(f"exported {len(saes)} SAEs to {args.out} (model card: {args.out}/README.md)")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a training run's output folder (train.out)")
+    p.add_argument("--to", required=True, choices=("saelens", "dictionary_learning"))
+    p.add_argument("--out", required=True, help="export folder")
+    p.add_argument("--series", help="dictionary_learning series folder name (default: saes_<model>_batch_top_k)")
+    p.add_argument("--allow-uncalibrated", action="store_true", help="export SAEs whose threshold is still -1")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from workbench.formats.convert import convert
+
+    print(f"{args.src} -> {args.out} ({args.to} {convert(args.src, args.to, args.out, k=args.k)})")
+    return 0
+
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="an SAE folder in either format (detected)")
+    p.add_argument("--to", required=True, choices=("saelens", "dictionary_learning"))
+    p.add_argument("--out", required=True, help="destination folder")
+    p.add_argument("--k", type=int, help="the training k, for a SAELens jumprelu SAE that does not record it")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from workbench.verify import format_report, verify
+
+    checks = verify(args.dir, cache=args.cache, tolerance=args.tolerance)
+    print(format_report(checks, args.dir))
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="a folder of SAE folders (either format), searched recursively")
+    p.add_argument("--cache", help="also compare on real activations from this cache")
+    p.add_argument("--tolerance", type=float, default=1e-5,
+                   help="max abs difference, relative to max(1, |reference output|) (default: 1e-5)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "collect": (cmd_collect, "collect resid_post activations into an HDF5 cache", _recipe_args),
     "inspect": (cmd_inspect, "summarise a cache, with its sink statistics",
                 lambda p: (p.add_argument("cache"), p.add_argument("--top", type=int, default=10,
                                                                     help="most frequent sink tokens to list"))),
+    "plan": (cmd_plan, "what a recipe means, without loading weights (the dry run)", _recipe_args),
+    "eval": (cmd_eval, "the model's loss with an SAE spliced in at its layer", _eval_args),
+    "threshold": (cmd_threshold, "derive, compare and write the JumpReLU threshold of an SAE", _threshold_args),
+    "export": (cmd_export, "export every SAE of a training run (dictionary_learning or SAELens) with a model card",
+               _export_args),
+    "convert": (cmd_convert, "convert one SAE folder between dictionary_learning and SAELens", _convert_args),
+    "verify": (cmd_verify, "check SAE folders against their reference library", _verify_args),
 }
 
 

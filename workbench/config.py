@@ -100,6 +100,7 @@ class TrainConfig:
 class ThresholdConfig:
     method: str = "l0"  # ema | batch-min | l0: how the JumpReLU threshold is derived after training
     num_tokens: int = 50_000  # held-out cache tokens used to derive and report it
+    batch_size: int | None = None  # batch-min's batch; null: the SAE's training batch (buffer.out_batch_size)
 
 
 @dataclass
@@ -115,6 +116,12 @@ class EvalConfig:
     num_tokens: int = 20_000  # held-out text tokens run through the model with the SAE spliced in
     batch_size: int = 8  # sequences per forward
     splice_all: bool = False  # also splice sink and first tokens (default: they pass through unreconstructed)
+    # Held-out text: null skips the rows collection read (num_rows(data)) in data.path's stream; a split
+    # name (hub datasets, e.g. validation) reads that split from its start instead.
+    split: str | None = None
+    # Published explained variance per layer, the target a reproduction is compared with (printed by
+    # `workbench plan`, e.g. {0: 0.991, 24: 0.745} for the Gemma-3-1b series).
+    target_explained_variance: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,0 +1,298 @@
+"""What a recipe means before anything runs: `workbench plan RECIPE` (and `run --dry-run`).
+
+Resolved layers, d_model, sequences and tokens, cache size on disk, training steps per SAE and every
+output path, computed from the recipe alone: no weights are loaded. The model's shape comes from
+`model.num_layers` / `model.d_model` when the recipe states them (works offline), else from the model's
+config file only (AutoConfig).
+
+Cache size follows the layout in workbench/cache.py, uncompressed, without HDF5's own overhead (about
+40 kB a shard: headers, chunk indexes; tests/test_plan.py checks the formula against a real collection):
+    per token            token_id int32 + sequence int64 + position int32 + batch int32  = 20 B
+    per token per layer  activations d_model x itemsize(stored dtype) + norm float32 + drop_reason uint8
+                         + kept bool                                                    = D*s + 6 B
+    per batch per layer  batch_median float32                                           = 4 B
+Every non-padding token read is stored (dropped tokens too, with their drop reason).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workbench.config import Recipe
+from workbench.data import num_rows
+from workbench.errors import WorkbenchError
+from workbench.model import load_config, resolve_layers
+from workbench.sae import matryoshka_group_sizes
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TOKEN_META_BYTES = 4 + 8 + 4 + 4  # token_id int32, sequence int64, position int32, batch int32
+LAYER_META_BYTES = 4 + 1 + 1  # norm float32, drop_reason uint8, kept bool
+MEDIAN_BYTES = 4  # batch_median float32, per forward batch and layer
+
+
+@dataclass
+class SAEPlan:
+    """One SAE of the run: its shape, learning rate, size and where it is written."""
+
+    layer: int
+    name: str
+    arch: str
+    width: int
+    k: int
+    group_sizes: list[int] | None
+    lr: float
+    weights_bytes: int  # float32 parameters as saved (ae.pt / safetensors), without file overhead
+    train_dir: str
+    export_dirs: dict[str, str]
+
+
+@dataclass
+class Plan:
+    """Everything a recipe implies, as numbers and paths (`render` prints it)."""
+
+    recipe_path: str | None
+    model: str
+    num_layers: int
+    d_model: int
+    shape_source: str  # "recipe" or "model config"
+    layer_spec: list
+    layers: list[int]
+    store_dtype: str
+    # data
+    data_path: str
+    context_length: int
+    packing: bool
+    sequences: int
+    tokens: int  # tokens read and stored; an upper bound when rows are not packed
+    first_tokens: int  # dropped by first-token removal (one a row), 0 when it is off
+    # collection and cache
+    forward_batches: int
+    shards: int
+    bytes_per_token_per_layer: int  # activations only: d_model x itemsize
+    cache_bytes_per_layer: int  # activations + per-layer metadata + batch medians
+    cache_bytes: int
+    shard_bytes: int  # a full shard, approximately
+    cache_dir: str
+    # training
+    train_tokens: int
+    train_batch_size: int
+    steps: int  # per SAE: train_tokens // train_batch_size
+    warmup_steps: int
+    decay_start_step: int | None
+    k_anneal_steps: int
+    holdout_tokens: int  # train.eval_tokens + threshold.num_tokens, also taken from the cache
+    saes: list[SAEPlan]
+    train_dir: str
+    # export and evaluation
+    export_formats: list[str]
+    series_name: str
+    eval_tokens: int
+    eval_source: str
+    target_explained_variance: dict[int, float]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def max_kept_tokens(self) -> int:
+        """Stored tokens minus the first tokens: the most the trainer can use (sinks remove more)."""
+        return self.tokens - self.first_tokens
+
+
+def _read_config(recipe: Recipe):
+    """The model's config file only (model.load_config: no weights), with the offline fix in the error."""
+    try:
+        return load_config(recipe.model)
+    except WorkbenchError as err:
+        raise WorkbenchError(f"{err}; to plan offline, state the model's shape in the recipe: model.num_layers and "
+                             "model.d_model, and a model.dtype other than auto") from None
+
+
+def model_shape(recipe: Recipe) -> tuple[int, int, str]:
+    """(num_layers, d_model, source) without loading weights: from the recipe when it states both."""
+    m = recipe.model
+    if m.num_layers is not None and m.d_model is not None:
+        return m.num_layers, m.d_model, "recipe"
+    text = _text_config(_read_config(recipe))
+    num_layers = m.num_layers if m.num_layers is not None else int(text.num_hidden_layers)
+    d_model = m.d_model if m.d_model is not None else int(text.hidden_size)
+    return num_layers, d_model, "model config"
+
+
+def _text_config(config):
+    return getattr(config, "text_config", config)
+
+
+def store_dtype(recipe: Recipe) -> str:
+    """The dtype activations are stored in: collect.store_dtype, else model.dtype, else (auto) the
+    checkpoint's dtype from its config file."""
+    if recipe.collect.store_dtype != "model":
+        return recipe.collect.store_dtype
+    if recipe.model.dtype != "auto":
+        return recipe.model.dtype
+    config = _read_config(recipe)
+    dtype = getattr(_text_config(config), "dtype", None) or getattr(config, "dtype", None)
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_BYTES:
+        raise WorkbenchError(f"the config of model.name '{recipe.model.name}' does not name a float dtype (got {dtype}); "
+                             "set model.dtype or collect.store_dtype in the recipe")
+    return name
+
+
+def _schedule_step(value: float | None, steps: int) -> int | None:
+    """A recipe schedule point: a fraction of steps when <= 1, else a step index (int() rounds down)."""
+    if value is None:
+        return None
+    return int(value * steps) if value <= 1 else int(value)
+
+
+def default_series_name(recipe: Recipe) -> str:
+    """The series folder when export.series_name is unset, by export's rule: saes_<model, non-word characters
+    as _>_<matryoshka_batch_top_k when every SAE is Matryoshka, else batch_top_k>."""
+    model = re.sub(r"[^\w.-]", "_", recipe.model.name)
+    arch = "matryoshka_batch_top_k" if all(s.arch == "matryoshka" for s in recipe.train.saes) else "batch_top_k"
+    return f"saes_{model}_{arch}"
+
+
+def train_dir(recipe: Recipe, layer: int, name: str) -> Path:
+    """Where the trainer writes an SAE: <train.out>/resid_post_layer_<L>/<name>."""
+    return Path(recipe.train.out) / f"resid_post_layer_{layer}" / name
+
+
+def export_dir(recipe: Recipe, fmt: str, layer: int, name: str) -> Path:
+    """Where an SAE is exported, export.export_run's layout under <export.out>/<format>:
+    dictionary_learning <series>/resid_post_layer_<L>/<name> (the published series' layout); SAELens the
+    SAE id blocks.<L>.hook_resid_post, with /<name> appended when a layer has several SAEs."""
+    root = Path(recipe.export.out) / fmt
+    if fmt == "dictionary_learning":
+        series = recipe.export.series_name or default_series_name(recipe)
+        return root / series / f"resid_post_layer_{layer}" / name
+    hook = root / f"blocks.{layer}.hook_resid_post"
+    return hook if len(recipe.train.saes) == 1 else hook / name
+
+
+def _weights_bytes(d_model: int, width: int, arch: str, n_groups: int) -> int:
+    params = 2 * d_model * width + width + d_model + 2  # W_enc, W_dec, b_enc, b_dec, k, threshold
+    return 4 * params + (8 * n_groups if arch == "matryoshka" else 0)
+
+
+def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
+    """Everything the recipe implies, computed without loading weights (see the module docstring)."""
+    c, d, t = recipe.collect, recipe.data, recipe.train
+    num_layers, d_model, source = model_shape(recipe)
+    layers = resolve_layers(list(c.layers), num_layers)
+    stored = store_dtype(recipe)
+
+    sequences = num_rows(d)
+    tokens = sequences * d.context_length
+    first_tokens = sequences if c.drop_first_token else 0
+    batches = math.ceil(sequences / c.batch_size)
+    shards = math.ceil(batches / c.shard_batches)
+    act_bytes = d_model * DTYPE_BYTES[stored]
+    per_layer = tokens * (act_bytes + LAYER_META_BYTES) + batches * MEDIAN_BYTES
+    cache_bytes = tokens * TOKEN_META_BYTES + len(layers) * per_layer
+    shard_tokens = c.shard_batches * c.batch_size * d.context_length
+    shard_bytes = shard_tokens * (TOKEN_META_BYTES + len(layers) * (act_bytes + LAYER_META_BYTES))
+
+    steps = t.num_tokens // t.batch_size
+    train_layers = resolve_layers(list(t.layers), num_layers) if t.layers else layers
+    saes = []
+    for layer in train_layers:
+        for s in t.saes:
+            sizes = matryoshka_group_sizes(s.width, list(s.group_fractions)) if s.arch == "matryoshka" else None
+            saes.append(SAEPlan(
+                layer=layer, name=s.name, arch=s.arch, width=s.width, k=s.k, group_sizes=sizes,
+                lr=t.lr if t.lr is not None else 2e-4 / math.sqrt(s.width / 2**14),
+                weights_bytes=_weights_bytes(d_model, s.width, s.arch, len(sizes or [])),
+                train_dir=str(train_dir(recipe, layer, s.name)),
+                export_dirs={f: str(export_dir(recipe, f, layer, s.name)) for f in recipe.export.formats},
+            ))
+
+    ev = recipe.eval
+    eval_source = (f"split '{ev.split}' of {d.path} from its start" if ev.split
+                   else f"rows {sequences:,} onwards of {d.path} (after the rows the cache read)")
+    p = Plan(
+        recipe_path=recipe_path, model=recipe.model.name, num_layers=num_layers, d_model=d_model,
+        shape_source=source, layer_spec=list(c.layers), layers=layers, store_dtype=stored,
+        data_path=d.path, context_length=d.context_length, packing=d.packing, sequences=sequences,
+        tokens=tokens, first_tokens=first_tokens, forward_batches=batches, shards=shards,
+        bytes_per_token_per_layer=act_bytes, cache_bytes_per_layer=per_layer, cache_bytes=cache_bytes,
+        shard_bytes=shard_bytes, cache_dir=c.out, train_tokens=t.num_tokens, train_batch_size=t.batch_size,
+        steps=steps, warmup_steps=t.warmup_steps, decay_start_step=_schedule_step(t.decay_start, steps),
+        k_anneal_steps=_schedule_step(t.k_anneal_steps, steps) or 0,
+        holdout_tokens=t.eval_tokens + recipe.threshold.num_tokens, saes=saes, train_dir=t.out,
+        export_formats=list(recipe.export.formats),
+        series_name=recipe.export.series_name or default_series_name(recipe),
+        eval_tokens=ev.num_tokens, eval_source=eval_source,
+        target_explained_variance=dict(sorted(ev.target_explained_variance.items())),
+    )
+    p.warnings = _warnings(recipe, p)
+    return p
+
+
+def _warnings(recipe: Recipe, p: Plan) -> list[str]:
+    out = []
+    need = p.train_tokens + p.holdout_tokens
+    if need > p.max_kept_tokens:
+        out.append(f"the cache will hold at most {p.max_kept_tokens:,} kept tokens (sinks remove more), fewer than the "
+                   f"{need:,} that training reads (train.num_tokens + held-out eval and threshold tokens): the "
+                   "trainer will reuse tokens; raise data.num_tokens to avoid it")
+    untrained = sorted({s.layer for s in p.saes} - set(p.layers))
+    if untrained:
+        out.append(f"train.layers {untrained} are not collected (collect.layers gives {p.layers})")
+    if p.steps == 0:
+        out.append(f"train.num_tokens {p.train_tokens:,} is less than one batch of {p.train_batch_size:,}: no steps")
+    missing = [L for L in p.target_explained_variance if L not in {s.layer for s in p.saes}]
+    if missing:
+        out.append(f"eval.target_explained_variance names layers {missing} that this run does not train")
+    return out
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}"
+    return f"{n} B"
+
+
+def render(p: Plan) -> str:
+    """The plan as text for the terminal (decimal units: 1 TB = 10^12 bytes)."""
+    bound = "" if p.packing else " (at most: rows are not packed)"
+    lines = [
+        f"recipe     {p.recipe_path or '(defaults)'}",
+        f"model      {p.model}: {p.num_layers} layers, d_model {p.d_model} (shape from the {p.shape_source}); "
+        f"activations stored as {p.store_dtype}",
+        f"layers     {p.layer_spec} -> {', '.join(map(str, p.layers))}",
+        f"data       {p.data_path}, context {p.context_length:,}: {p.sequences:,} sequences = {p.tokens:,} tokens{bound}; "
+        f"{p.first_tokens:,} first tokens dropped, at most {p.max_kept_tokens:,} kept",
+        f"collect    {p.forward_batches:,} forward batches in {p.shards:,} shards (about {_bytes(p.shard_bytes)} each)",
+        f"cache      {p.cache_dir}: {_bytes(p.cache_bytes)} ({p.cache_bytes:,} bytes"
+        f"{f', {p.cache_bytes / 2**40:,.2f} TiB' if p.cache_bytes >= 2**40 else ''}) uncompressed, without HDF5 overhead",
+        f"           per token per layer {p.bytes_per_token_per_layer:,} B activations ({p.d_model} x "
+        f"{DTYPE_BYTES[p.store_dtype]} B {p.store_dtype}) + {LAYER_META_BYTES} B (norm, drop_reason, kept); "
+        f"per token {TOKEN_META_BYTES} B (token_id, sequence, position, batch)",
+        f"           per layer {_bytes(p.cache_bytes_per_layer)}",
+        f"train      {p.train_tokens:,} tokens / batch {p.train_batch_size:,} = {p.steps:,} steps per SAE "
+        f"(rounded down; {p.train_tokens - p.steps * p.train_batch_size:,} tokens left over)",
+        f"           warmup {p.warmup_steps:,} steps, lr decay from step "
+        f"{'-' if p.decay_start_step is None else f'{p.decay_start_step:,}'}, "
+        f"{f'k annealed over {p.k_anneal_steps:,} steps' if p.k_anneal_steps else 'k not annealed'}; "
+        f"{p.holdout_tokens:,} cache tokens held out for evaluation",
+        f"           {len(p.saes)} SAEs, {_bytes(sum(s.weights_bytes for s in p.saes))} of float32 weights in all",
+        f"  {'layer':>5} {'name':<12} {'arch':<10} {'width':>7} {'k':>4} {'lr':>9} {'weights':>10}  trained into",
+    ]
+    for s in p.saes:
+        groups = f" groups {s.group_sizes}" if s.group_sizes else ""
+        lines.append(f"  {s.layer:>5} {s.name:<12} {s.arch:<10} {s.width:>7} {s.k:>4} {s.lr:>9.3g} "
+                     f"{_bytes(s.weights_bytes):>10}  {s.train_dir}{groups}")
+    lines.append(f"export     {', '.join(p.export_formats) or '(none)'}; series {p.series_name}")
+    for s in p.saes:
+        for fmt, path in s.export_dirs.items():
+            lines.append(f"  {fmt:<20} {path}")
+    lines.append(f"eval       {p.eval_tokens:,} held-out text tokens: {p.eval_source}")
+    if p.target_explained_variance:
+        lines.append("target     published explained variance per layer (compare the reproduction with it)")
+        lines.append("  " + "  ".join(f"L{layer} {fve:.3f}" for layer, fve in p.target_explained_variance.items()))
+    lines += [f"WARNING    {w}" for w in p.warnings]
+    return "\n".join(lines)
