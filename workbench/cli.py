@@ -2,6 +2,7 @@
 
     workbench collect RECIPE [key=value ...]     activations -> HDF5 cache
     workbench inspect CACHE                      what a cache holds, with its sink statistics
+    workbench train RECIPE [key=value ...]       HDF5 cache -> BatchTopK / Matryoshka SAEs
     workbench plan RECIPE [key=value ...]        what a recipe means (layers, tokens, disk, steps, paths), offline
     workbench eval SAE|RUN [RECIPE] [k=v ...]    LM loss with the SAE(s) spliced in (frac_recovered, KL)
     workbench threshold SAE [--method ...]       the JumpReLU threshold (ema | batch-min | l0), written into the SAE
@@ -31,6 +32,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from workbench.config import load_recipe
 
     collect(load_recipe(args.recipe, args.overrides))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from workbench.config import load_recipe
+    from workbench.train import train
+
+    train(load_recipe(args.recipe, args.overrides))
     return 0
 
 
@@ -135,6 +144,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "collect": (cmd_collect, "collect resid_post activations into an HDF5 cache", _recipe_args),
+    "train": (cmd_train, "train BatchTopK / Matryoshka SAEs from the cache (train section)", _recipe_args),
     "inspect": (cmd_inspect, "summarise a cache, with its sink statistics",
                 lambda p: (p.add_argument("cache"), p.add_argument("--top", type=int, default=10,
                                                                     help="most frequent sink tokens to list"))),

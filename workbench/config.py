@@ -246,6 +246,13 @@ def validate(recipe: Recipe) -> None:
     _positive("train.batch_size", t.batch_size)
     _positive("train.num_tokens", t.num_tokens)
     _positive("train.data_lanes", t.data_lanes)
+    _positive("train.checkpoint_every", t.checkpoint_every)
+    if t.batch_size % t.data_lanes:
+        raise WorkbenchError(f"train.batch_size ({t.batch_size}) must be a multiple of train.data_lanes ({t.data_lanes})")
+    if t.eval_tokens < 0 or t.warmup_steps < 0 or t.dead_feature_threshold <= 0:
+        raise WorkbenchError("train.eval_tokens and train.warmup_steps must be >= 0, train.dead_feature_threshold > 0")
+    if not 0 <= t.threshold_beta < 1:
+        raise WorkbenchError(f"train.threshold_beta must be in [0, 1) (got {t.threshold_beta})")
     if t.autocast_dtype is not None:
         _choice("train.autocast_dtype", t.autocast_dtype, ("bfloat16", "float16"))
     names = [s.name for s in t.saes]

@@ -4,6 +4,19 @@
 have dictionary_learning's keys in its order (so its `load_dictionary` and SAELens' dictionary_learning
 loader read them); the `workbench` section records what those libraries have no key for (the sink
 filter and its multiple, first-token removal, the normalisation factor, k annealing, the cache).
+
+Two ways in: `load_folder` gives the workbench's trainable BatchTopK / Matryoshka module;
+`read_weights` / `write_weights` map every supported class to and from the format-neutral
+`SAEWeights` (conversion). The state dicts, as dictionary_learning 0.1.0 defines them:
+
+    BatchTopKSAE, AutoEncoderTopK  b_dec [D], k [] int32, threshold [] f32, decoder.weight [D, F],
+                                   encoder.weight [F, D], encoder.bias [F]
+    MatryoshkaBatchTopKSAE         W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], k, threshold,
+                                   group_sizes [n_groups] int64
+    JumpReluAutoEncoder            W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], threshold [F]
+                                   (never subtracts b_dec from the input: apply_b_dec_to_input is False)
+    AutoEncoder                    bias [D] (= b_dec), encoder.weight [F, D], encoder.bias [F],
+                                   decoder.weight [D, F] (columns renormalised by its loader)
 """
 
 from __future__ import annotations
@@ -16,13 +29,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from workbench.errors import WorkbenchError
+from workbench.formats.weights import (
+    SAEInfo,
+    SAEWeights,
+    Scaled,
+    materialize,
+    materialize_T,
+    row_norms,
+    vec_times,
+)
 from workbench.sae import SAE, BatchTopKSAE, MatryoshkaBatchTopKSAE
 
 AE_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval_results.json"
+SPARSITY_FILE = "sparsity.safetensors"  # per-latent log10 firing frequency, SAELens' file, kept beside ae.pt
 EXTRA_SECTION = "workbench"
 
 TRAINER_CLASS = {"BatchTopKSAE": "BatchTopKTrainer", "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer"}
@@ -61,13 +85,13 @@ def save_folder(sae: SAE, folder: str | Path, config: dict, eval_results: dict |
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}
-    _atomic(folder / AE_FILE, lambda p: torch.save(state, p))
-    _atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
+    write_atomic(folder / AE_FILE, lambda p: torch.save(state, p))
+    write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
     if eval_results is not None:
-        _atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(eval_results, indent=4)))
+        write_atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(eval_results, indent=4)))
 
 
-def _atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
@@ -77,21 +101,36 @@ def _atomic(path: Path, write) -> None:
         raise WorkbenchError(f"cannot write {path}: {str(err).splitlines()[0]}; free space or choose another output directory") from None
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only=True: a pickle that would run code is refused before it runs."""
+def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only=True: a pickle that would run code is refused before it runs.
+
+    mmap=True maps the tensors from the file instead of reading them (conversion of large SAEs);
+    files in the legacy (non-zip) format are read normally."""
     path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"{path} does not exist; give an SAE folder with ae.pt and config.json")
+    if path.stat().st_size == 0:
+        raise WorkbenchError(f"{path} is empty; re-download or re-export it")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
-        raise WorkbenchError(f"{path} is not a plain state dict and was refused unloaded (weights_only): "
-                             f"{str(err).splitlines()[0][:200]}; only load checkpoints you trust") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
-        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); re-download or re-export it") from None
+        raise WorkbenchError(f"{path} was refused without running it: {_unpickler_reason(err)}; "
+                             "only load checkpoints you trust") from None
+    except Exception as err:  # damaged files surface as many error types from torch's zip and pickle readers
+        first = (str(err).splitlines() or [type(err).__name__])[0].split(". ")[0][:200]
+        raise WorkbenchError(f"{path} is truncated or corrupt ({first}); re-download or re-export it") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WorkbenchError(f"{path} does not hold a state dict of tensors")
     return state
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """What torch's weights_only unpickler refused, in one line."""
+    text = str(err)
+    if "Unsupported global" in text:
+        name = text.split("Unsupported global: ")[1].split(" was not")[0].removeprefix("GLOBAL ")
+        return f"it is not a plain state dict of tensors (unpickling it would call {name})"
+    return "it is not a PyTorch checkpoint of tensors (the weights-only unpickler cannot read it)"
 
 
 def read_config(folder: str | Path) -> dict:
@@ -132,3 +171,220 @@ def load_folder(folder: str | Path) -> tuple[SAE, dict]:
     except RuntimeError as err:
         raise WorkbenchError(f"{folder / AE_FILE} does not fit {dict_class}: {str(err).splitlines()[0]}") from None
     return sae, config
+
+
+# ---- conversion: every supported dictionary_learning class <-> SAEWeights ----
+
+STATE_KEYS = {
+    "BatchTopKSAE": ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias"),
+    "AutoEncoderTopK": ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias"),
+    "MatryoshkaBatchTopKSAE": ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"),
+    "JumpReluAutoEncoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
+    "AutoEncoder": ("bias", "encoder.weight", "encoder.bias", "decoder.weight"),
+}
+
+# dictionary_learning's trainer config keys per class, in its order (values a converted SAE cannot
+# know are written as null).
+TRAINER_KEYS = {
+    "BatchTopKSAE": ("BatchTopKTrainer", (
+        "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step",
+        "top_k_aux", "seed", "activation_dim", "dict_size", "k", "device", "layer", "lm_name", "wandb_name",
+        "submodule_name")),
+    "MatryoshkaBatchTopKSAE": ("MatryoshkaBatchTopKTrainer", (
+        "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step",
+        "top_k_aux", "seed", "activation_dim", "dict_size", "group_fractions", "group_weights", "group_sizes",
+        "k", "device", "layer", "lm_name", "wandb_name", "submodule_name")),
+    "AutoEncoderTopK": ("TopKTrainer", (
+        "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step",
+        "seed", "activation_dim", "dict_size", "k", "device", "layer", "lm_name", "wandb_name", "submodule_name")),
+    "JumpReluAutoEncoder": ("JumpReluTrainer", (
+        "lr", "steps", "seed", "activation_dim", "dict_size", "device", "layer", "lm_name", "wandb_name",
+        "submodule_name", "bandwidth", "sparsity_penalty", "sparsity_warmup_steps", "target_l0")),
+    "AutoEncoder": ("StandardTrainer", (
+        "activation_dim", "dict_size", "lr", "l1_penalty", "warmup_steps", "resample_steps",
+        "sparsity_warmup_steps", "steps", "decay_start", "seed", "device", "layer", "lm_name", "wandb_name",
+        "submodule_name")),
+}
+
+
+def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
+    """Any supported dictionary_learning SAE folder as SAEWeights, with the semantics its
+    `load_dictionary` gives (an AutoEncoder's decoder renormalised as its loader does). The weight
+    matrices stay memory-mapped views (mmap=True) until a writer reads them."""
+    folder = Path(folder)
+    config = read_config(folder)
+    trainer = config["trainer"]
+    dict_class = trainer["dict_class"]
+    if dict_class not in STATE_KEYS:
+        raise WorkbenchError(f"{folder}: dict_class {dict_class} is not supported (supported: {', '.join(STATE_KEYS)}); "
+                             "it has no lossless mapping in the workbench")
+    state = load_state_dict(folder / AE_FILE, mmap=mmap)
+    _check_keys(folder, dict_class, state)
+    extra = dict(config.get(EXTRA_SECTION) or {})
+    converted = extra.pop("converted_from", None) or {}
+    info = SAEInfo(
+        model_name=trainer.get("lm_name"), layer=trainer.get("layer"), context_size=config.get("buffer", {}).get("ctx_len"),
+        dataset_path=extra.get("dataset"), prepend_bos=extra.get("prepend_bos"), workbench=extra,
+        eval_results=read_json(folder / EVAL_FILE),
+        # A folder converted from SAELens carries that cfg home; an original folder carries its own
+        # config, so a round trip restores whichever was the original.
+        dl_config=None if converted else {k: v for k, v in config.items() if k != EXTRA_SECTION},
+        saelens_cfg=converted.get("cfg") if converted.get("format") == "saelens" else None)
+    if info.layer is not None:
+        info.hook_name = f"blocks.{info.layer}.hook_resid_post"
+    sparsity = _read_sparsity(folder)
+    k = _k(folder, trainer, state) if "k" in STATE_KEYS[dict_class] else None
+    if dict_class in ("BatchTopKSAE", "AutoEncoderTopK"):
+        F = state["encoder.weight"].shape[0]
+        return SAEWeights(
+            W_enc_DF=state["encoder.weight"].T, b_enc_F=state["encoder.bias"], W_dec_FD=state["decoder.weight"].T,
+            b_dec_D=state["b_dec"], activation="jumprelu" if dict_class == "BatchTopKSAE" else "topk",
+            threshold_F=state["threshold"].expand(F), k=k, sparsity_F=sparsity, info=info)
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        F = state["W_enc"].shape[1]
+        return SAEWeights(
+            W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
+            activation="jumprelu", threshold_F=state["threshold"].expand(F), k=k,
+            group_sizes=state["group_sizes"].tolist(), sparsity_F=sparsity, info=info)
+    if dict_class == "JumpReluAutoEncoder":
+        return SAEWeights(
+            W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
+            activation="jumprelu", threshold_F=state["threshold"], apply_b_dec_to_input=False,
+            sparsity_F=sparsity, info=info)
+    # AutoEncoder: its from_pretrained divides decoder columns by their norms (and scales the encoder
+    # to match) whenever they are not all 1, so that is the SAE its users get.
+    W_enc_DF, b_enc_F, W_dec_FD = state["encoder.weight"].T, state["encoder.bias"], state["decoder.weight"].T
+    norms_F = row_norms(W_dec_FD)
+    if not torch.allclose(norms_F, torch.ones_like(norms_F)):
+        W_enc_DF, b_enc_F = Scaled(W_enc_DF, col_scale=norms_F), b_enc_F * norms_F
+        W_dec_FD = Scaled(W_dec_FD, row_scale=1 / norms_F)
+    return SAEWeights(W_enc_DF=W_enc_DF, b_enc_F=b_enc_F, W_dec_FD=W_dec_FD, b_dec_D=state["bias"],
+                      activation="relu", sparsity_F=sparsity, info=info)
+
+
+def _check_keys(folder: Path, dict_class: str, state: dict[str, torch.Tensor]) -> None:
+    """dictionary_learning loads strictly: the same keys, no more, no fewer."""
+    want, have = set(STATE_KEYS[dict_class]), set(state)
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
+        raise WorkbenchError(f"{folder / AE_FILE} is not a {dict_class} state dict (missing {missing or 'none'}, "
+                             f"unexpected {extra or 'none'}); check config.json's trainer.dict_class")
+
+
+def _k(folder: Path, trainer: dict, state: dict[str, torch.Tensor]) -> int:
+    k = int(state["k"])
+    if trainer.get("k") is not None and int(trainer["k"]) != k:
+        raise WorkbenchError(f"{folder}: config k={trainer['k']} but ae.pt has k={k}; the folder is inconsistent")
+    return k
+
+
+def read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WorkbenchError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+
+
+def _read_sparsity(folder: Path) -> torch.Tensor | None:
+    path = folder / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))["sparsity"]
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
+
+
+def dict_class_for(weights: SAEWeights) -> str:
+    """The dictionary_learning class that represents these weights exactly (or a WorkbenchError saying why none does)."""
+    if weights.activation == "topk":
+        return "AutoEncoderTopK"
+    if weights.activation == "relu":
+        return "AutoEncoder"
+    if weights.constant_threshold() is None:
+        return "JumpReluAutoEncoder"
+    if weights.k is None:
+        raise WorkbenchError("the SAE has one constant JumpReLU threshold, so it converts to dictionary_learning's "
+                             "BatchTopKSAE, which needs the training k and none is recorded; pass --k K")
+    return "MatryoshkaBatchTopKSAE" if weights.group_sizes else "BatchTopKSAE"
+
+
+def write_weights(weights: SAEWeights, folder: str | Path) -> str:
+    """Write SAEWeights as a dictionary_learning folder (ae.pt, config.json, and eval_results.json /
+    sparsity.safetensors when known). Returns the dict_class written.
+
+    Differences the class cannot hold are folded exactly: apply_b_dec_to_input (b_enc + b_dec @ W_enc)
+    and SAELens' rescale_acts_by_decoder_norm (decoder rows to unit norm, encoder scaled to match)."""
+    folder = Path(folder)
+    dict_class = dict_class_for(weights)
+    W_enc_DF, b_enc_F, W_dec_FD = weights.W_enc_DF, weights.b_enc_F, weights.W_dec_FD
+    subtracts_b_dec = dict_class != "JumpReluAutoEncoder"
+    if weights.apply_b_dec_to_input != subtracts_b_dec:
+        shift_F = vec_times(weights.b_dec_D, W_enc_DF)
+        b_enc_F = b_enc_F + shift_F if subtracts_b_dec else b_enc_F - shift_F
+    if weights.rescale_acts_by_decoder_norm:
+        norms_F = row_norms(W_dec_FD)
+        W_enc_DF, b_enc_F, W_dec_FD = Scaled(W_enc_DF, col_scale=norms_F), b_enc_F * norms_F, Scaled(W_dec_FD, row_scale=1 / norms_F)
+    if dict_class == "AutoEncoder":
+        norms_F = row_norms(W_dec_FD)
+        if not torch.allclose(norms_F, torch.ones_like(norms_F)):
+            raise WorkbenchError("dictionary_learning's AutoEncoder renormalises decoder rows to unit norm when it loads, "
+                                 "which would rescale this SAE's latents; fold the decoder norms first "
+                                 "(SAELens: sae.fold_W_dec_norm(), then save_model) and convert that")
+    b_dec_D, k = weights.b_dec_D.clone(), torch.tensor(weights.k or 0, dtype=torch.int32)
+    # AutoEncoderTopK's optional inference threshold rides along as a constant threshold_F.
+    constant = weights.constant_threshold()
+    threshold = torch.tensor(-1.0 if constant is None else constant, dtype=torch.float32)
+    if dict_class in ("BatchTopKSAE", "AutoEncoderTopK"):
+        state = {"b_dec": b_dec_D, "k": k, "threshold": threshold, "decoder.weight": materialize_T(W_dec_FD),
+                 "encoder.weight": materialize_T(W_enc_DF), "encoder.bias": b_enc_F.clone()}
+    elif dict_class == "MatryoshkaBatchTopKSAE":
+        state = {"W_enc": materialize(W_enc_DF), "b_enc": b_enc_F.clone(), "W_dec": materialize(W_dec_FD),
+                 "b_dec": b_dec_D, "k": k, "threshold": threshold,
+                 "group_sizes": torch.tensor(weights.group_sizes, dtype=torch.int64)}
+    elif dict_class == "JumpReluAutoEncoder":
+        state = {"W_enc": materialize(W_enc_DF), "b_enc": b_enc_F.clone(), "W_dec": materialize(W_dec_FD),
+                 "b_dec": b_dec_D, "threshold": weights.threshold_F.clone()}
+    else:
+        state = {"bias": b_dec_D, "encoder.weight": materialize_T(W_enc_DF), "encoder.bias": b_enc_F.clone(),
+                 "decoder.weight": materialize_T(W_dec_FD)}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / AE_FILE, lambda p: torch.save(state, p))
+    config = _config_for(weights, dict_class)
+    write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
+    if weights.info.eval_results is not None:
+        write_atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(weights.info.eval_results, indent=4)))
+    if weights.sparsity_F is not None:
+        write_atomic(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": weights.sparsity_F.contiguous()}, str(p)))
+    return dict_class
+
+
+def _config_for(weights: SAEWeights, dict_class: str) -> dict:
+    """config.json: the original one when the SAE came from this class (a round trip restores it), else
+    dictionary_learning's keys with what is known filled in and null for training details it never had."""
+    info = weights.info
+    original = info.dl_config or {}
+    if original.get("trainer", {}).get("dict_class") == dict_class:
+        config = json.loads(json.dumps(original))
+    else:
+        trainer_class, keys = TRAINER_KEYS[dict_class]
+        trainer: dict[str, Any] = {"trainer_class": trainer_class, "dict_class": dict_class, **dict.fromkeys(keys)}
+        trainer.update(layer=info.layer, lm_name=info.model_name, wandb_name=dict_class,
+                       submodule_name=f"resid_post_layer_{info.layer}" if info.layer is not None else info.hook_name)
+        buffer = {"d_submodule": weights.activation_dim, "io": "out", "n_ctxs": None, "ctx_len": info.context_size,
+                  "refresh_batch_size": None, "out_batch_size": None, "device": "cpu"}
+        config = {"trainer": trainer, "buffer": buffer}
+    trainer = config["trainer"]
+    trainer.update(activation_dim=weights.activation_dim, dict_size=weights.dict_size)
+    if "k" in STATE_KEYS[dict_class]:
+        trainer["k"] = weights.k
+    if dict_class == "MatryoshkaBatchTopKSAE":
+        trainer["group_sizes"] = list(weights.group_sizes or [])
+    extra = dict(info.workbench)
+    if info.saelens_cfg is not None:
+        extra["converted_from"] = {"format": "saelens", "cfg": info.saelens_cfg}
+    if extra:
+        config[EXTRA_SECTION] = extra
+    return config

@@ -1,0 +1,146 @@
+"""`workbench export RUN_DIR --to {dictionary_learning,saelens} --out DIR`: every SAE of a training run.
+
+A training run is `<train.out>/resid_post_layer_<L>/<name>/{ae.pt, config.json, eval_results.json}`.
+
+    dictionary_learning  DIR/<series>/resid_post_layer_<L>/<name>/{ae.pt, config.json, eval_results.json}
+                         (the published series' layout; files copied byte for byte)
+    saelens              DIR/blocks.<L>.hook_resid_post/ (one SAE a layer) or
+                         DIR/blocks.<L>.hook_resid_post/<name>/ (several), each with cfg.json,
+                         sae_weights.safetensors and, when `workbench threshold` measured firing
+                         rates, sparsity.safetensors
+
+and DIR/README.md, the model card. An SAE whose threshold was never set (-1: it would run as a dense
+ReLU SAE) is refused unless allow_uncalibrated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.formats import dictionary_learning as dl
+from workbench.formats import saelens
+from workbench.model_card import render_model_card
+
+TARGETS = ("dictionary_learning", "saelens")
+
+
+@dataclass
+class ExportedSAE:
+    """One exported SAE, with what the model card shows."""
+
+    source: Path
+    folder: Path  # where it was written
+    sae_id: str  # its path inside the export folder
+    name: str
+    layer: int | None
+    dict_class: str
+    width: int
+    k: int | None
+    group_sizes: list[int] | None
+    threshold: float | None
+    threshold_method: str | None
+    l0: float | None
+    fve: float | None
+
+
+def find_run_saes(run_dir: str | Path) -> list[Path]:
+    """The dictionary_learning SAE folders of a run (ae.pt + config.json), by layer then name."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise WorkbenchError(f"{run_dir} is not a directory; give a training run's output folder (train.out)")
+    folders = [p.parent for p in run_dir.rglob(dl.AE_FILE) if (p.parent / dl.CONFIG_FILE).is_file()]
+    if not folders:
+        raise WorkbenchError(f"no SAE folders (ae.pt + config.json) under {run_dir}; train first or give train.out")
+
+    def key(folder: Path) -> tuple:
+        layer = dl.read_config(folder)["trainer"].get("layer")
+        return (layer if layer is not None else -1, folder.name, str(folder))
+
+    return sorted(folders, key=key)
+
+
+def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated: bool = False,
+               series_name: str | None = None) -> list[ExportedSAE]:
+    """Export every SAE under run_dir to format `to` under `out`, plus the model card `out/README.md`."""
+    if to not in TARGETS:
+        raise WorkbenchError(f"--to must be one of {', '.join(TARGETS)} (got {to!r})")
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve() or out.resolve().is_relative_to(run_dir.resolve()):
+        raise WorkbenchError(f"--out {out} is inside the run {run_dir}; export to a folder outside it")
+    folders = find_run_saes(run_dir)
+    sources = [_describe(folder) for folder in folders]
+    uncalibrated = [str(f) for f, s in zip(folders, sources, strict=True) if s["threshold"] is not None and s["threshold"] < 0]
+    if uncalibrated and not allow_uncalibrated:
+        raise WorkbenchError(f"{len(uncalibrated)} SAE(s) have no JumpReLU threshold (-1, they would run as dense ReLU "
+                             f"SAEs): {', '.join(uncalibrated)}; run `workbench threshold FOLDER` on each, or pass "
+                             "--allow-uncalibrated")
+    series = series_name or _series_name(sources)
+    per_layer: dict[int | None, int] = {}
+    for s in sources:
+        per_layer[s["layer"]] = per_layer.get(s["layer"], 0) + 1
+    exported = []
+    for folder, s in zip(folders, sources, strict=True):
+        layer_dir = f"resid_post_layer_{s['layer']}"
+        if to == "dictionary_learning":
+            sae_id = f"{layer_dir}/{folder.name}"
+            dest = out / series / sae_id
+            dest.mkdir(parents=True, exist_ok=True)
+            for name in (dl.AE_FILE, dl.CONFIG_FILE, dl.EVAL_FILE):
+                if (folder / name).is_file():
+                    shutil.copyfile(folder / name, dest / name)
+            sae_id = f"{series}/{sae_id}"
+        else:
+            hook = f"blocks.{s['layer']}.hook_resid_post"
+            sae_id = hook if per_layer[s["layer"]] == 1 else f"{hook}/{folder.name}"
+            dest = out / sae_id
+            weights = dl.read_weights(folder)
+            if weights.info.prepend_bos is None:
+                weights.info.prepend_bos = _prepend_bos(weights.info.workbench.get("cache"))
+            saelens.write_weights(weights, dest)
+        exported.append(ExportedSAE(source=folder, folder=dest, sae_id=sae_id, name=folder.name, layer=s["layer"],
+                                    dict_class=s["dict_class"], width=s["width"], k=s["k"], group_sizes=s["group_sizes"],
+                                    threshold=s["threshold"], threshold_method=s["threshold_method"],
+                                    l0=s["l0"], fve=s["fve"]))
+    config = dl.read_config(folders[0])
+    card = render_model_card(exported, to, series, config)
+    dl.write_atomic(out / "README.md", lambda p: p.write_text(card))
+    return exported
+
+
+def _describe(folder: Path) -> dict:
+    """What the export and the model card need from one SAE folder, reading ae.pt memory-mapped."""
+    config = dl.read_config(folder)
+    trainer = config["trainer"]
+    state = dl.load_state_dict(folder / dl.AE_FILE, mmap=True)
+    threshold = float(state["threshold"]) if state.get("threshold") is not None and state["threshold"].dim() == 0 else None
+    width = trainer.get("dict_size")
+    if width is None:
+        width = (state["encoder.weight"].shape[0] if "encoder.weight" in state else state["W_enc"].shape[1])
+    evals = dl.read_json(folder / dl.EVAL_FILE) or {}
+    history = (config.get(dl.EXTRA_SECTION) or {}).get("threshold") or {}
+    return {"layer": trainer.get("layer"), "model": trainer.get("lm_name"), "dict_class": trainer["dict_class"], "width": int(width),
+            "k": trainer.get("k"), "group_sizes": trainer.get("group_sizes"), "threshold": threshold,
+            "threshold_method": history.get("method", "ema" if threshold is not None and threshold >= 0 else None),
+            "l0": evals.get("l0"), "fve": evals.get("frac_variance_explained")}
+
+
+def _series_name(sources: list[dict]) -> str:
+    """saes_<model with / as _>_<batch_top_k | matryoshka_batch_top_k>, as the published series are named."""
+    model = re.sub(r"[^\w.-]", "_", sources[0].get("model") or "model")
+    return f"saes_{model}_{'matryoshka_batch_top_k' if all(s['dict_class'] == 'MatryoshkaBatchTopKSAE' for s in sources) else 'batch_top_k'}"
+
+
+def _prepend_bos(cache: str | None) -> bool | None:
+    """SAELens' prepend_bos: whether the collected rows began with a BOS token (Qwen has none)."""
+    if not cache:
+        return None
+    manifest = Path(cache) / "manifest.json"
+    try:
+        return json.loads(manifest.read_text()).get("bos_token_id") is not None
+    except (OSError, json.JSONDecodeError):
+        return None

@@ -1,0 +1,277 @@
+"""The SAELens 6.x folder format: `cfg.json` + `sae_weights.safetensors` (+ `sparsity.safetensors`).
+
+Weights: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in], and for "jumprelu"
+threshold [d_sae] (a vector). SAELens loads strictly and casts every tensor to cfg.dtype. cfg.json
+nests everything about the SAE's use under `metadata` (model_name, hook_name, context_size,
+prepend_bos, dataset_path), which SAELens only reads when metadata.sae_lens_version >= 6.
+
+Architectures read: jumprelu, topk, standard. A BatchTopK / Matryoshka SAE is written as jumprelu
+with its scalar threshold broadcast to [d_sae], and its k (and Matryoshka widths) in
+metadata.training_architecture_details, where SAELens' own trainers record them. The workbench's
+extra section (sink filter and multiple, first-token removal, ...) goes to metadata.workbench, and
+the dictionary_learning config of a converted SAE to metadata.converted_from, so converting back
+restores it.
+
+The weights file is written a block of rows at a time (safetensors is a JSON header followed by
+raw little-endian tensor bytes), so a large SAE is never copied whole in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from workbench.errors import WorkbenchError
+from workbench.formats.dictionary_learning import write_atomic
+from workbench.formats.weights import (
+    FileRows,
+    SAEInfo,
+    SAEWeights,
+    Source,
+    contiguous_rows,
+    dtype_of,
+    materialize,
+    row_blocks,
+    shape_of,
+)
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SAELENS_VERSION = "6.54.12"  # the cfg.json format written (and the version the parity tests run)
+ARCHITECTURES = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
+HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int32: "I32", torch.int64: "I64"}
+CFG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+              "torch.float32": torch.float32, "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16,
+              "torch.float64": torch.float64}
+
+
+def read_weights(folder: str | Path) -> SAEWeights:
+    """A SAELens folder as SAEWeights. The weight matrices are read lazily from the file, a block at a
+    time; what SAELens would refuse to load, or what has no exact meaning outside SAELens (runtime
+    normalisation, hook_z reshaping), is refused with the reason."""
+    folder = Path(folder)
+    cfg = read_cfg(folder)
+    # Pre-6.0 configs are flat and say topk through activation_fn (as SAELens' handle_pre_6_0_config reads them).
+    activation_fn = cfg.get("activation_fn", "relu")
+    arch = cfg.get("architecture") or ("topk" if activation_fn == "topk" else "standard")
+    if activation_fn not in ("relu", "topk"):
+        raise WorkbenchError(f"{folder}: activation_fn {activation_fn!r} has no dictionary_learning equivalent")
+    if arch not in ARCHITECTURES:
+        raise WorkbenchError(f"{folder}: SAELens architecture {arch!r} is not supported (supported: "
+                             f"{', '.join(ARCHITECTURES)}); dictionary_learning has no class with its math")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise WorkbenchError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} normalises inputs at run "
+                             "time, which dictionary_learning cannot represent; fold the scaling into the weights in "
+                             "SAELens (e.g. fold_activation_norm_scaling_factor) and save with 'none'")
+    if cfg.get("reshape_activations", "none") != "none":
+        raise WorkbenchError(f"{folder}: reshape_activations={cfg['reshape_activations']!r} (hook_z SAEs) has no "
+                             "dictionary_learning equivalent")
+    dtype = CFG_DTYPES.get(str(cfg.get("dtype", "float32")))
+    if dtype is None:
+        raise WorkbenchError(f"{folder / CFG_FILE}: unknown dtype {cfg.get('dtype')!r}")
+    shapes = _tensor_shapes(folder / WEIGHTS_FILE)
+    want = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch == "jumprelu" else set())
+    extra = set(shapes) - want
+    if extra == {"scaling_factor"} and bool((load_file(str(folder / WEIGHTS_FILE))["scaling_factor"] == 1).all()):
+        extra = set()  # SAELens drops an all-ones scaling_factor
+    if want - set(shapes) or extra:
+        raise WorkbenchError(f"{folder / WEIGHTS_FILE} does not hold a SAELens {arch} SAE (missing "
+                             f"{sorted(want - set(shapes)) or 'none'}, unexpected {sorted(extra) or 'none'})")
+    d_in, d_sae = shapes["W_enc"]
+    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
+    for name in want:
+        if shapes[name] != expected[name]:
+            raise WorkbenchError(f"{folder / WEIGHTS_FILE}: {name} has shape {list(shapes[name])}, expected "
+                                 f"{list(expected[name])} (a 0-d threshold does not load in SAELens either)")
+    if (cfg.get("d_in"), cfg.get("d_sae")) != (d_in, d_sae):
+        raise WorkbenchError(f"{folder}: cfg.json says d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} but W_enc is "
+                             f"[{d_in}, {d_sae}]; the folder is inconsistent")
+
+    def lazy(name: str) -> FileRows:
+        return FileRows(folder / WEIGHTS_FILE, name, shapes[name], dtype)
+
+    meta = cfg.get("metadata") or {}
+    details = meta.get("training_architecture_details") or {}
+    info = _info(cfg, meta)
+    weights = SAEWeights(
+        W_enc_DF=lazy("W_enc"), b_enc_F=materialize(lazy("b_enc")), W_dec_FD=lazy("W_dec"),
+        b_dec_D=materialize(lazy("b_dec")), activation=ARCHITECTURES[arch],
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), info=info,
+        rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
+        sparsity_F=_read_sparsity(folder))
+    converted = meta.get("converted_from") or {}
+    if arch == "jumprelu":
+        weights.threshold_F = materialize(lazy("threshold"))
+        weights.k = _integer_k(folder, details.get("k"))
+        widths = details.get("matryoshka_widths")
+        if widths:
+            weights.group_sizes = [b - a for a, b in zip([0, *widths[:-1]], widths, strict=True)]
+            if sum(weights.group_sizes) != d_sae or min(weights.group_sizes) <= 0:
+                raise WorkbenchError(f"{folder}: matryoshka_widths {widths} are not increasing up to d_sae={d_sae}")
+    elif arch == "topk":
+        weights.k = int(cfg.get("k") or (cfg.get("activation_fn_kwargs") or {})["k"])
+        if converted.get("threshold") is not None:
+            weights.threshold_F = torch.full((d_sae,), float(converted["threshold"]), dtype=torch.float32)
+    return weights
+
+
+def _integer_k(folder: Path, k: Any) -> int | None:
+    if k is None:
+        return None
+    if float(k) != int(float(k)) or float(k) <= 0:
+        raise WorkbenchError(f"{folder}: the training k {k} is not a positive integer, so it has no dictionary_learning "
+                             "BatchTopKSAE; pass --k K to choose one")
+    return int(float(k))
+
+
+def _info(cfg: dict, meta: dict) -> SAEInfo:
+    """What the SAE is for: 6.x nests it under metadata; older flat cfgs keep it at the top level."""
+
+    def get(key: str) -> Any:
+        return meta.get(key, cfg.get(key))
+
+    hook_name = get("hook_name") or get("hook_point")
+    match = HOOK_RE.match(hook_name or "")
+    converted = meta.get("converted_from") or {}
+    from_dl = converted.get("format") == "dictionary_learning"
+    return SAEInfo(
+        model_name=get("model_name"), layer=int(match.group(1)) if match else None, hook_name=hook_name,
+        context_size=get("context_size"), dataset_path=get("dataset_path"), prepend_bos=get("prepend_bos"),
+        workbench=dict(meta.get("workbench") or {}),
+        # A folder converted from dictionary_learning carries that config home; an original SAELens
+        # folder carries its own cfg, so a round trip restores whichever was the original.
+        eval_results=converted.get("eval_results") if from_dl else None,
+        dl_config=converted.get("config") if from_dl else None,
+        saelens_cfg=None if from_dl else cfg)
+
+
+def read_cfg(folder: Path) -> dict:
+    path = folder / CFG_FILE
+    if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise WorkbenchError(f"{folder} is not a SAELens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise WorkbenchError(f"{path} is not valid JSON ({err}); fix or re-export it") from None
+    if not isinstance(cfg, dict):
+        raise WorkbenchError(f"{path} is not a SAELens config (a JSON object)")
+    return cfg
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Validate a safetensors file (header, offsets, size) and return each tensor's shape."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); re-download or re-export it") from None
+
+
+def _read_sparsity(folder: Path) -> torch.Tensor | None:
+    path = folder / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))["sparsity"]
+    except Exception as err:
+        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
+
+
+def write_weights(weights: SAEWeights, folder: str | Path) -> str:
+    """Write SAEWeights as a SAELens folder; returns the architecture written (jumprelu, topk or standard)."""
+    folder = Path(folder)
+    arch = {v: k for k, v in ARCHITECTURES.items()}[weights.activation]
+    tensors: dict[str, Source] = {"W_enc": weights.W_enc_DF, "W_dec": weights.W_dec_FD,
+                                  "b_enc": weights.b_enc_F, "b_dec": weights.b_dec_D}
+    if arch == "jumprelu":
+        tensors["threshold"] = weights.threshold_F.to(weights.dtype).contiguous()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / WEIGHTS_FILE, tensors)
+    cfg = _cfg_for(weights, arch)
+    write_atomic(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg)))
+    if weights.sparsity_F is not None:
+        write_atomic(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": weights.sparsity_F.contiguous()}, str(p)))
+    return arch
+
+
+def _cfg_for(weights: SAEWeights, arch: str) -> dict:
+    """cfg.json as SAELens 6.54.12 writes it; the original one when the SAE came from SAELens with the
+    same architecture (a round trip restores it)."""
+    info = weights.info
+    original = info.saelens_cfg or {}
+    if original.get("architecture") == arch and (original.get("metadata") or {}).get("sae_lens_version"):
+        cfg = json.loads(json.dumps(original))
+    else:
+        hook_name = info.hook_name or (f"blocks.{info.layer}.hook_resid_post" if info.layer is not None else None)
+        cfg = {"d_in": None, "d_sae": None, "dtype": None, "device": "cpu", "apply_b_dec_to_input": True,
+               "normalize_activations": "none", "reshape_activations": "none",
+               "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
+                            "model_name": info.model_name, "hook_name": hook_name, "hook_head_index": None,
+                            "prepend_bos": True if info.prepend_bos is None else info.prepend_bos,
+                            "context_size": info.context_size, "dataset_path": info.dataset_path,
+                            "model_from_pretrained_kwargs": {}},
+               "architecture": arch}
+    cfg.update(d_in=weights.activation_dim, d_sae=weights.dict_size, dtype=str(weights.dtype).removeprefix("torch."),
+               apply_b_dec_to_input=weights.apply_b_dec_to_input)
+    meta = cfg["metadata"]
+    if arch == "topk":
+        cfg.update(k=weights.k, rescale_acts_by_decoder_norm=weights.rescale_acts_by_decoder_norm)
+        meta.pop("training_architecture", None)
+    elif arch == "jumprelu" and weights.k is not None:
+        # Where SAELens' BatchTopK / Matryoshka trainers record what the jumprelu file cannot hold.
+        details = dict(meta.get("training_architecture_details") or {})
+        if details.get("k") != weights.k:
+            details["k"] = weights.k
+        if weights.group_sizes:
+            details["matryoshka_widths"] = torch.tensor(weights.group_sizes).cumsum(0).tolist()
+        meta.setdefault("training_architecture", "matryoshka_batchtopk" if weights.group_sizes else "batchtopk")
+        meta["training_architecture_details"] = details
+    if info.workbench:
+        meta["workbench"] = info.workbench
+    if info.dl_config is not None:
+        converted: dict[str, Any] = {"format": "dictionary_learning", "config": info.dl_config}
+        if info.eval_results is not None:
+            converted["eval_results"] = info.eval_results
+        if arch == "topk" and weights.constant_threshold() is not None:
+            converted["threshold"] = weights.constant_threshold()  # AutoEncoderTopK's optional inference threshold
+        meta["converted_from"] = converted
+    return cfg
+
+
+def write_safetensors(path: Path, tensors: dict[str, Source], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file streaming each tensor a block of rows at a time (lazy sources included).
+
+    Layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}
+    padded with spaces to a multiple of 8, then the tensors' bytes back to back in header order."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, src in tensors.items():
+        nbytes = dtype_of(src).itemsize * int(torch.Size(shape_of(src)).numel())
+        header[name] = {"dtype": DTYPE_NAMES[dtype_of(src)], "shape": list(shape_of(src)), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(header_bytes)))
+            fh.write(header_bytes)
+            for src in tensors.values():
+                for start, stop in row_blocks(src):
+                    block = contiguous_rows(src, start, stop)
+                    fh.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
+
+    write_atomic(path, write)
+

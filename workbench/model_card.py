@@ -1,0 +1,107 @@
+"""The README.md of an export folder, in the manner of the published SAE model cards: the series, the
+trainer mapping, a `layer | SAE ID | width | l0 | explained variance` table from eval_results.json, how
+to load the SAEs with both libraries, and the attention-sink filter they must be used with."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workbench.export import ExportedSAE
+
+ARCH_NAMES = {"BatchTopKSAE": "BatchTopK", "MatryoshkaBatchTopKSAE": "Matryoshka BatchTopK"}
+
+
+def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: dict) -> str:
+    """Markdown for the export folder holding `saes` (format `fmt`); `config` is one SAE's config.json,
+    for what the whole run shares (model, data, sink filter)."""
+    extra = config.get("workbench") or {}
+    model = config["trainer"].get("lm_name") or "the model"
+    archs = sorted({ARCH_NAMES.get(s.dict_class, s.dict_class) for s in saes})
+    layers = sorted({s.layer for s in saes if s.layer is not None})
+    out = [f"# {series}", "",
+           f"{len(saes)} {' / '.join(archs)} sparse autoencoders on the residual stream of `{model}` "
+           f"(the output of decoder layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}; "
+           "TransformerLens `blocks.<L>.hook_resid_post`), trained with the SAE workbench"
+           + (f" on `{extra['dataset']}`" if extra.get("dataset") else "") + ". "
+           + ("Format: dictionary_learning (`ae.pt`, `config.json`, `eval_results.json`), in the published "
+              "series' layout." if fmt == "dictionary_learning" else
+              "Format: SAELens 6.x (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors` when "
+              "firing rates were measured), architecture `jumprelu` with the scalar threshold broadcast to "
+              "every latent; k and the Matryoshka widths are in `metadata.training_architecture_details`."),
+           "", "## Trainers", "",
+           "| trainer | architecture | width | k | Matryoshka group sizes | JumpReLU threshold |",
+           "|---|---|---|---|---|---|"]
+    seen = set()
+    for s in saes:
+        if s.name in seen:
+            continue
+        seen.add(s.name)
+        groups = ", ".join(map(str, s.group_sizes)) if s.group_sizes else "-"
+        thresh = f"{s.threshold_method}" if s.threshold is not None and s.threshold >= 0 else "not set (-1)"
+        out.append(f"| {s.name} | {ARCH_NAMES.get(s.dict_class, s.dict_class)} | {s.width} | {s.k} | {groups} | {thresh} |")
+    out += ["", "The threshold column says how each SAE's scalar JumpReLU threshold was derived "
+            "(`workbench threshold`: ema = the training estimate, batch-min = the BatchTopK paper's "
+            "estimator, l0 = calibrated so the mean L0 on held-out tokens equals k); each SAE's config.json "
+            "records the value, the previous one and the comparison under `workbench.threshold`.",
+            "", "## SAEs", "", "| layer | SAE ID | width | l0 | explained variance |", "|---|---|---|---|---|"]
+    for s in saes:
+        l0 = f"{s.l0:.1f}" if s.l0 is not None else "-"
+        fve = f"{s.fve:.3f}" if s.fve is not None else "-"
+        out.append(f"| {s.layer} | `{s.sae_id}` | {s.width} | {l0} | {fve} |")
+    out += ["", "`l0` and `explained variance` are dictionary_learning's `l0` and `frac_variance_explained` "
+            "(eval_results.json) on held-out activations, encoding with the JumpReLU threshold.", ""]
+    out += _loading(saes[0], fmt)
+    out += _sink_note(extra)
+    return "\n".join(out) + "\n"
+
+
+def _loading(example: ExportedSAE, fmt: str) -> list[str]:
+    path = example.sae_id
+    if fmt == "dictionary_learning":
+        native = ["```python", "from dictionary_learning.utils import load_dictionary", "",
+                  f'ae, config = load_dictionary("{path}", device="cuda")',
+                  "f = ae.encode(x)      # JumpReLU: f = pre * (pre > threshold), per token", "x_hat = ae.decode(f)", "```"]
+        other = ["```bash", f"workbench convert {path} --to saelens --out saelens/{path}", "```",
+                 "```python", "from sae_lens import SAE", "", f'sae = SAE.load_from_disk("saelens/{path}", device="cuda")', "```"]
+        names = ("dictionary_learning", "SAELens")
+    else:
+        native = ["```python", "from sae_lens import SAE", "", f'sae = SAE.load_from_disk("{path}", device="cuda")',
+                  "f = sae.encode(x)", "x_hat = sae.decode(f)", "```"]
+        other = ["```bash", f"workbench convert {path} --to dictionary_learning --out dl/{path}", "```",
+                 "```python", "from dictionary_learning.utils import load_dictionary", "",
+                 f'ae, config = load_dictionary("dl/{path}", device="cuda")', "```"]
+        names = ("SAELens", "dictionary_learning")
+    return ["## Loading", "", f"With {names[0]}:", "", *native, "",
+            f"With {names[1]} (an exact conversion; `workbench verify` checks both libraries give the same outputs):",
+            "", *other, ""]
+
+
+def _sink_note(extra: dict) -> list[str]:
+    multiple = extra.get("sink_multiple")
+    first = extra.get("drop_first_token", True)
+    if multiple is None:
+        rule = "No attention-sink filter was applied in training."
+    else:
+        rule = (f"Training dropped attention-sink tokens: every token whose residual-stream norm exceeded "
+                f"**{multiple:g} x the median token norm of its forward batch** (one median per batch and layer, "
+                f"over {'real (non-padding) tokens' if extra.get('sink_median', 'real') == 'real' else 'all positions'}). "
+                "Sinks are rare (~0.1% of tokens) but have norms 100-1000x the median, so an SAE never trained "
+                "on them encodes them badly; apply the same filter when you use these SAEs (encoding, "
+                "attribution, max-activating examples).")
+    if first:
+        rule += (" The first token of every sequence (the BOS token, or the first real token for tokenizers "
+                 "without one) was dropped too.")
+    m = 10.0 if multiple is None else multiple
+    return ["## Attention-sink filter", "", rule, "",
+            "With the workbench installed (`encode_filtered` calls the same `sink_filter` collection used):", "",
+            "```python", "from workbench.formats.convert import load_sae",
+            "from workbench.inference import encode_filtered", "from workbench.sink import first_token_mask", "",
+            "sae = load_sae(path)                      # either format",
+            f"f_BLF, keep_BL = encode_filtered(sae, resid_BLD, multiple={m:g}, valid_BL=attention_mask.bool(),",
+            "                                  first_token_BL=first_token_mask(input_ids, attention_mask, tokenizer.bos_token_id))",
+            "```", "", "Without it (one forward batch `resid_BLD` [B, L, D] at the SAE's layer):", "",
+            "```python", "valid_BL = attention_mask.bool()", "norms_BL = resid_BLD.float().norm(dim=-1)",
+            f"keep_BL = valid_BL & (norms_BL <= {m:g} * norms_BL[valid_BL].median())",
+            "keep_BL &= valid_BL.long().cumsum(1) != 1   # drop each row's first real token",
+            "f_NF = sae.encode(resid_BLD[keep_BL])       # latents of the kept tokens only", "```", ""]
