@@ -4,7 +4,7 @@ Forward batch b is always the same sequences (rows b*batch_size ...), whatever t
 so the batch medians, the kept set and the cache contents do not depend on it. Batches are grouped into
 shards of `collect.shard_batches`; process r of W writes the shards whose index is r mod W. A shard is
 written under a `.partial` name and renamed when complete, so re-running the same command after a crash
-redoes only the shards that were not finished.
+redoes only the shards that were not finished (and any finished shard found missing or damaged).
 
     workbench collect recipes/demo.yaml collect.batch_size=8
     accelerate launch --num_processes 2 -m workbench collect recipes/demo.yaml
@@ -13,8 +13,16 @@ redoes only the shards that were not finished.
 from __future__ import annotations
 
 import json
+import math
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,10 +33,13 @@ from workbench.cache import (
     FORMAT_VERSION,
     MANIFEST,
     ShardWriter,
+    chunk_rows,
+    prefetch,
     read_manifest,
     shard_is_complete,
     shard_name,
     to_stored,
+    write_error,
     write_json_atomic,
 )
 from workbench.config import Recipe, fingerprint, to_dict
@@ -36,22 +47,22 @@ from workbench.errors import WorkbenchError
 from workbench.model import (
     capture_resid_post,
     d_model_of,
-    decoder_layers,
+    load_config,
     load_model,
     load_tokenizer,
     max_context_of,
+    num_layers_of,
     resolve_layers,
 )
 from workbench.sink import FIRST_TOKEN, SINK, first_token_mask, sink_filter
 
 
 def cache_identity(recipe: Recipe) -> dict:
-    """The recipe fields that determine a cache's contents (not where it is written)."""
+    """The recipe fields that determine a cache's contents (not where it is written or on which device)."""
     collect = to_dict(recipe.collect)
     for key in ("out", "device"):
         collect.pop(key)
-    model = to_dict(recipe.model)
-    return {"model": model, "data": to_dict(recipe.data), "collect": collect}
+    return {"model": to_dict(recipe.model), "data": to_dict(recipe.data), "collect": collect}
 
 
 @dataclass
@@ -68,179 +79,357 @@ class LayerStats:
 
 @dataclass
 class Summary:
+    """What a cache holds (tokens = stored, i.e. non-padding, tokens) and, for this run, its speed."""
+
     tokens: int = 0
     sequences: int = 0
     shards: int = 0
     bytes: int = 0
     layers: dict[int, LayerStats] = field(default_factory=dict)
+    requested_rows: int = 0
+    context_length: int = 0
+    seconds: float = 0.0  # this run's collection loop (0 when nothing was left to do)
+    tokens_this_run: int = 0  # tokens of the shards this run wrote
 
     def as_dict(self) -> dict:
         return {"tokens": self.tokens, "sequences": self.sequences, "shards": self.shards, "bytes": self.bytes,
                 "layers": {str(k): vars(v) for k, v in self.layers.items()}}
 
+    @property
+    def ran_out(self) -> bool:
+        return 0 < self.sequences < self.requested_rows
+
     def table(self) -> str:
         lines = [f"tokens read {self.tokens:,} in {self.sequences:,} sequences, {self.shards} shards, "
-                 f"{self.bytes / 2**20:,.1f} MiB written",
-                 f"{'layer':>6} {'kept':>12} {'first token':>12} {'sinks':>10} {'sink %':>8}"]
+                 f"{self.bytes / 2**20:,.1f} MiB written"]
+        if self.seconds > 0:
+            lines[0] += f"; this run {self.tokens_this_run:,} tokens in {self.seconds:,.1f} s " \
+                        f"({self.tokens_this_run / self.seconds:,.0f} tokens/s)"
+        lines.append(f"{'layer':>6} {'kept':>12} {'first token':>12} {'sinks':>10} {'sink %':>8}")
         for layer, s in sorted(self.layers.items()):
             pct = 100 * s.sink / max(self.tokens, 1)
             lines.append(f"{layer:>6} {s.kept:>12,} {s.first_token:>12,} {s.sink:>10,} {pct:>7.3f}%")
+        if self.ran_out:
+            lines.append(f"warning: the data ran out: {self.sequences:,} of the {self.requested_rows:,} requested rows "
+                         f"(data.num_tokens {self.requested_rows * self.context_length:,}) were read; "
+                         "add data or lower data.num_tokens")
         return "\n".join(lines)
 
 
-def _prepare_dir(out: Path, identity: dict) -> dict | None:
-    """Check the output directory against the recipe. Returns the existing manifest, if any."""
+def _inspect_dir(out: Path, identity: dict) -> dict | None:
+    """Check the output directory against the recipe. Returns the existing manifest, if any; changes nothing."""
     manifest = read_manifest(out)
     if manifest is not None:
         if manifest.get("format") != FORMAT:
             raise WorkbenchError(f"{out / MANIFEST} is not an activation-cache manifest; choose another collect.out")
-        if manifest["fingerprint"] != fingerprint(identity):
+        if manifest.get("fingerprint") != fingerprint(identity):
             diffs = [f"{sec}.{k}" for sec in identity for k in identity[sec]
-                     if manifest["recipe"].get(sec, {}).get(k) != identity[sec][k]]
+                     if manifest.get("recipe", {}).get(sec, {}).get(k) != identity[sec][k]]
             raise WorkbenchError(f"{out} holds a cache made by a different recipe (differs in {', '.join(diffs) or 'its recipe'}); "
                                  "choose another collect.out or delete that directory; nothing was changed")
         return manifest
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"collect.out {out} is a file, not a directory; choose another collect.out")
+    # A crash between creating the directory and writing the manifest leaves at most a manifest.json.tmp.
+    if out.is_dir() and any(p.name != MANIFEST + ".tmp" for p in out.iterdir()):
         raise WorkbenchError(f"{out} exists and is not an activation cache; choose another collect.out or empty it")
     return None
 
 
-def collect(recipe: Recipe) -> Summary:
-    """Run collection for a recipe (one process, or one of several under `accelerate launch`)."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
+def _damaged_shards(out: Path, manifest: dict) -> list[Path]:
+    """Shards a complete manifest lists that are missing, truncated or unreadable."""
+    return [out / s["file"] for s in manifest.get("shards", [])
+            if not shard_is_complete(out / s["file"], s.get("bytes"))]
 
-    acc = Accelerator(cpu=recipe.collect.device == "cpu")
+
+def _on_main_first(state, fn: Callable[[], Any]) -> Any:
+    """Run fn on the main process only and hand its result (or its WorkbenchError) to every process,
+    so no process waits at a barrier for a main process that failed."""
+    if state.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except WorkbenchError as err:
+            box[0] = ("error", str(err))
+    broadcast_object_list(box)
+    status, value = box[0]
+    if status == "error":
+        raise WorkbenchError(value)
+    return value
+
+
+def _device(spec: str | None, state) -> torch.device:
+    """collect.device, or Accelerate's device for this process."""
+    if spec is None:
+        return state.device
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise WorkbenchError(f"collect.device '{spec}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == state.device.type and device.index is None:
+        return state.device  # e.g. "cuda" under accelerate launch: this process's own GPU
+    if state.num_processes > 1:
+        raise WorkbenchError(f"collect.device '{spec}' names one device for all {state.num_processes} processes; "
+                             "leave it null so that each process uses its own")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError(f"collect.device is '{spec}' but CUDA is not available here; use cpu or leave it null")
+    return device
+
+
+def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None) -> Summary:
+    """Run collection for a recipe (one process, or one of several under `accelerate launch`).
+
+    A model and tokenizer already loaded from recipe.model may be passed in (a notebook, a benchmark);
+    by default they are loaded here. Returns the cache's summary (with this run's speed on the main process).
+    """
+    from accelerate import PartialState
+
     c, d = recipe.collect, recipe.data
+    state = PartialState(cpu=c.device == "cpu")
+    device = _device(c.device, state)
     out = Path(c.out)
     identity = cache_identity(recipe)
-    manifest = _prepare_dir(out, identity)
+
+    def check_dir() -> dict | None:
+        manifest = _inspect_dir(out, identity)
+        if manifest is not None and manifest.get("complete"):
+            damaged = _damaged_shards(out, manifest)
+            if not damaged:
+                return manifest
+            print(f"cache {out}: redoing {len(damaged)} missing or damaged shard(s): "
+                  f"{', '.join(p.name for p in damaged)}", file=sys.stderr)
+            manifest = {k: v for k, v in manifest.items() if k not in ("shards", "summary")} | {"complete": False}
+            write_json_atomic(out / MANIFEST, manifest)
+            for path in damaged:
+                path.unlink(missing_ok=True)
+        return manifest
+
+    manifest = _on_main_first(state, check_dir)
     if manifest is not None and manifest.get("complete"):
         summary = _summary_from_manifest(manifest)
-        if acc.is_main_process:
-            print(f"cache {out} is already complete")
+        if state.is_main_process:
+            print(f"cache {out} is already complete; nothing to do")
             print(summary.table())
         return summary
 
-    device = torch.device(c.device) if c.device else acc.device
-    tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, device)
-    num_layers = len(decoder_layers(model))
+    # Everything a user can get wrong is checked before the weights load.
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
+    config = model.config if model is not None else load_config(recipe.model)
+    num_layers = num_layers_of(config)
     layers = resolve_layers(list(c.layers), num_layers)
-    max_ctx = max_context_of(model)
+    max_ctx = max_context_of(config)
     if max_ctx is not None and d.context_length > max_ctx:
         raise WorkbenchError(f"data.context_length {d.context_length} is beyond the model's {max_ctx} positions; lower it")
+    batches = data_mod.iter_batches(data_mod.iter_rows(d, tokenizer), c.batch_size, tokenizer.pad_token_id)
+    first = next(batches, None)  # iter_rows raises for a missing or empty corpus
+    if first is None:
+        raise WorkbenchError(f"data.path {d.path} gave no rows; add text")
+    batches = chain([first], batches)
+    if model is None:
+        model = load_model(recipe.model, device)
+    else:
+        device = next(model.parameters()).device
     d_model = d_model_of(model)
-    store_dtype = str(model.dtype).removeprefix("torch.") if c.store_dtype == "model" else c.store_dtype
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    store_dtype = model_dtype if c.store_dtype == "model" else c.store_dtype
+    requested_rows = data_mod.num_rows(d)
 
-    if acc.is_main_process and manifest is None:
-        out.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint(identity),
-                    "recipe": identity, "layers": layers, "num_model_layers": num_layers, "d_model": d_model,
-                    "store_dtype": store_dtype, "model_dtype": str(model.dtype).removeprefix("torch."),
-                    "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                    "complete": False}
-        write_json_atomic(out / MANIFEST, manifest)
-    acc.wait_for_everyone()
+    def create() -> dict:
+        if manifest is not None:
+            found = {"layers": layers, "d_model": d_model, "store_dtype": store_dtype, "num_model_layers": num_layers}
+            changed = [k for k, v in found.items() if manifest.get(k) != v]
+            if changed:
+                raise WorkbenchError(f"{out} was started with {', '.join(f'{k} {manifest.get(k)}' for k in changed)} but the "
+                                     f"model now gives {', '.join(f'{k} {found[k]}' for k in changed)}; the model changed "
+                                     "since: choose another collect.out; nothing was changed")
+            return manifest
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(out, err) from None
+        new = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint(identity),
+               "recipe": identity, "layers": layers, "num_model_layers": num_layers, "d_model": d_model,
+               "store_dtype": store_dtype, "model_dtype": model_dtype, "chunk_rows": chunk_rows(d_model, store_dtype),
+               "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "requested_rows": requested_rows, "requested_tokens": requested_rows * d.context_length,
+               "complete": False}
+        write_json_atomic(out / MANIFEST, new)
+        return new
 
-    rank, world = acc.process_index, acc.num_processes
-    drop_first_bos = tokenizer.bos_token_id
-    bar = tqdm(total=data_mod.num_rows(d) * d.context_length, unit="tok", unit_scale=True,
-               desc="collect", disable=not acc.is_main_process, dynamic_ncols=True)
+    manifest = _on_main_first(state, create)
+
+    # Which shards are left: decided once, before the loop, from the expected number of shards.
+    rows_per_shard = c.batch_size * c.shard_batches
+    expected_shards = math.ceil(requested_rows / rows_per_shard)
+    done_before = {s for s in range(expected_shards) if shard_is_complete(out / shard_name(s))}
+    state.wait_for_everyone()  # every process has looked before any writes
+    mine = [s for s in range(expected_shards) if s % state.num_processes == state.process_index and s not in done_before]
+    if state.is_main_process and done_before:
+        print(f"cache {out}: resuming, {len(done_before)} of {expected_shards} shards already complete", file=sys.stderr)
+    todo_rows = sum(min(rows_per_shard, requested_rows - s * rows_per_shard) for s in mine)
+
+    start = time.perf_counter()
+    num_batches = _collect_shards(model, batches, set(mine), layers, d_model, store_dtype, recipe, tokenizer.bos_token_id,
+                                  device, todo_rows * d.context_length, state.is_main_process)
+    seconds = time.perf_counter() - start
+    state.wait_for_everyone()
+
+    summary = _on_main_first(state, lambda: _finalize(out, manifest, num_batches, c.shard_batches, done_before))
+    summary.seconds = seconds
+    if state.is_main_process:
+        print(summary.table())
+    state.wait_for_everyone()
+    return summary
+
+
+class _Writes:
+    """The HDF5 side of collection, in one background thread and in submission order, so that writing
+    a batch (and fsyncing a finished shard) overlaps the next forward. At most `depth` operations wait
+    (bounded memory); the first error stops the work and is raised in the collecting thread."""
+
+    def __init__(self, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="workbench-writes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (op := self._queue.get()) is not None:
+            if self._error is None:  # after an error, drain without running so submit() never blocks
+                try:
+                    op()
+                except BaseException as err:  # re-raised in the collecting thread
+                    self._error = err
+
+    def submit(self, fn: Callable, *args) -> None:
+        self.raise_error()
+        self._queue.put(lambda: fn(*args))
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def join(self) -> None:
+        """Wait until everything submitted is done (or failed); the thread ends."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+
+def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], layers: list[int], d_model: int,
+                    store_dtype: str, recipe: Recipe, bos: int | None, device: torch.device, total_tokens: int,
+                    show_progress: bool) -> int:
+    """The loop: forward the batches of the shards in `todo`, write them. Returns the number of batches
+    in the data (every process iterates all of them, so all agree on it). Tokenization runs ahead in a
+    background thread and the writes behind in another, both overlapping the forward."""
+    from tqdm.auto import tqdm
+
+    c, ctx = recipe.collect, recipe.data.context_length
+    out = Path(c.out)
+    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="collect", disable=not show_progress,
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    writes = _Writes()
     writer: ShardWriter | None = None
     stats: dict = {}
     num_batches = 0
     try:
         with capture_resid_post(model, layers) as run:
-            rows = data_mod.iter_rows(d, tokenizer)
-            done: dict[int, bool] = {}
-            for batch in data_mod.iter_batches(rows, c.batch_size, tokenizer.pad_token_id):
+            for batch in prefetch(batches, depth=4):
                 num_batches = batch.index + 1
-                bar.update(int(batch.attention_mask_BL.sum()))
                 shard = batch.index // c.shard_batches
-                if shard % world != rank:
-                    continue
-                if shard not in done:
-                    done[shard] = shard_is_complete(out / shard_name(shard))
-                if done[shard]:
+                if shard not in todo:
                     continue
                 if writer is None or writer.final != out / shard_name(shard):
                     if writer is not None:
-                        writer.finish(stats)
+                        writes.submit(writer.finish, stats)
                     writer = ShardWriter(out, shard, batch.index, layers, d_model, store_dtype)
-                    stats = {"tokens": 0, "sequences": 0, "layers": {str(L): {"kept": 0, "first_token": 0, "sink": 0} for L in layers}}
-                _process_batch(run, batch, device, layers, recipe, drop_first_bos, store_dtype, writer, stats)
+                    stats = {"tokens": 0, "sequences": 0,
+                             "layers": {str(L): {"kept": 0, "first_token": 0, "sink": 0} for L in layers}}
+                tokens, per_layer = _process_batch(run, batch, device, layers, recipe, bos, store_dtype, stats)
+                writes.submit(writer.append, tokens, per_layer)
+                bar.update(len(batch.sequence_B) * ctx)
             if writer is not None:
-                writer.finish(stats)
-                writer = None
+                writes.submit(writer.finish, stats)
+            writes.join()
+            writes.raise_error()
+            writer = None
     finally:
+        writes.join()
         if writer is not None:
             writer.abort()
         bar.close()
-
-    acc.wait_for_everyone()
-    summary = Summary()
-    if acc.is_main_process:
-        summary = _finalize(out, manifest or read_manifest(out) or {}, num_batches, c.shard_batches)
-        print(summary.table())
-    acc.wait_for_everyone()
-    return summary
+    return num_batches
 
 
-def _process_batch(run, batch: data_mod.Batch, device, layers, recipe: Recipe, bos, store_dtype, writer, stats) -> None:
+def _process_batch(run, batch: data_mod.Batch, device: torch.device, layers: list[int], recipe: Recipe,
+                   bos: int | None, store_dtype: str, stats: dict) -> tuple[dict, dict]:
+    """One forward; the sink filter and first-token removal per layer. Returns what ShardWriter.append
+    takes for every non-padding token, and adds the counts to `stats`."""
     c = recipe.collect
     ids_BL, mask_BL = batch.input_ids_BL, batch.attention_mask_BL
     acts = run(input_ids=ids_BL.to(device), attention_mask=mask_BL.to(device))
     valid_BL = mask_BL.bool()
     first_BL = first_token_mask(ids_BL, mask_BL, bos) if c.drop_first_token else torch.zeros_like(valid_BL)
     B, L = ids_BL.shape
-    position_BL = torch.arange(L).expand(B, L)
     tokens = {
-        "token_id": ids_BL[valid_BL].numpy().astype(np.int32),
+        "token_id": ids_BL[valid_BL].to(torch.int32).numpy(),
         "sequence": batch.sequence_B[:, None].expand(B, L)[valid_BL].numpy(),
-        "position": position_BL[valid_BL].numpy().astype(np.int32),
+        "position": torch.arange(L, dtype=torch.int32).expand(B, L)[valid_BL].numpy(),
         "batch": np.full(int(valid_BL.sum()), batch.index, np.int32),
     }
+    valid_dev_BL = valid_BL.to(device)
     per_layer = {}
     for layer in layers:
         acts_BLD = acts[layer]
-        flt = sink_filter(acts_BLD, c.sink_multiple, valid_BL.to(acts_BLD.device), c.sink_median)
-        sink_BL = flt.sink_BL.cpu()
-        reason_BL = torch.where(first_BL, FIRST_TOKEN, torch.where(sink_BL, SINK, 0)).to(torch.uint8)
+        flt = sink_filter(acts_BLD, c.sink_multiple, valid_dev_BL, c.sink_median)
+        reason_BL = torch.where(first_BL, FIRST_TOKEN, torch.where(flt.sink_BL.cpu(), SINK, 0)).to(torch.uint8)
         reason = reason_BL[valid_BL].numpy()
         per_layer[layer] = {
-            "activations": to_stored(acts_BLD[valid_BL.to(acts_BLD.device)].cpu(), store_dtype),
-            "norm": flt.norms_BL.cpu()[valid_BL].numpy(),
+            "activations": to_stored(acts_BLD[valid_dev_BL].cpu(), store_dtype),
+            "norm": flt.norms_BL[valid_dev_BL].cpu().numpy(),
             "drop_reason": reason,
-            "batch_median": np.array([flt.median.item()], np.float32),
+            "batch_median": flt.median.item(),
         }
+        counts = np.bincount(reason, minlength=3)
         s = stats["layers"][str(layer)]
-        s["kept"] += int((reason == 0).sum())
-        s["first_token"] += int((reason == FIRST_TOKEN).sum())
-        s["sink"] += int((reason == SINK).sum())
+        s["kept"] += int(counts[0])
+        s["first_token"] += int(counts[FIRST_TOKEN])
+        s["sink"] += int(counts[SINK])
     stats["tokens"] += len(tokens["token_id"])
     stats["sequences"] += B
-    writer.append(tokens, per_layer)
+    return tokens, per_layer
 
 
-def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int) -> Summary:
-    """Check every shard is there and complete, then mark the cache complete with its summary."""
+def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int, done_before: set[int]) -> Summary:
+    """Check every shard is there and complete, then mark the cache complete with its summary.
+    done_before: the shards that were complete before this run (for this run's speed)."""
     import h5py
 
-    num_shards = -(-num_batches // shard_batches)
-    summary = Summary(shards=num_shards)
+    if num_batches == 0:
+        raise WorkbenchError("the data gave no rows; check data.path")
+    num_shards = math.ceil(num_batches / shard_batches)
+    summary = Summary(shards=num_shards, requested_rows=int(manifest["requested_rows"]),
+                      context_length=int(manifest["recipe"]["data"]["context_length"]))
     shards = []
     for index in range(num_shards):
         path = out / shard_name(index)
         if not shard_is_complete(path):
             raise WorkbenchError(f"shard {path} is missing after collection; re-run the same command to redo it")
+        size = path.stat().st_size
         with h5py.File(path, "r") as h5:
             stats = json.loads(h5.attrs["stats"])
             shards.append({"file": shard_name(index), "num_tokens": int(h5.attrs["num_tokens"]),
-                           "num_batches": int(h5.attrs["num_batches"]), "first_batch": int(h5.attrs["first_batch"])})
+                           "num_batches": int(h5.attrs["num_batches"]), "first_batch": int(h5.attrs["first_batch"]),
+                           "bytes": size})
         summary.tokens += stats["tokens"]
         summary.sequences += stats["sequences"]
-        summary.bytes += path.stat().st_size
+        summary.bytes += size
+        if index not in done_before:
+            summary.tokens_this_run += stats["tokens"]
         for layer, s in stats["layers"].items():
             summary.layers.setdefault(int(layer), LayerStats()).add(s)
     manifest.update(complete=True, shards=shards, summary=summary.as_dict())
@@ -251,5 +440,6 @@ def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int) -
 def _summary_from_manifest(manifest: dict) -> Summary:
     s = manifest["summary"]
     return Summary(tokens=s["tokens"], sequences=s["sequences"], shards=s["shards"], bytes=s["bytes"],
-                   layers={int(k): LayerStats(**v) for k, v in s["layers"].items()})
-
+                   layers={int(k): LayerStats(**v) for k, v in s["layers"].items()},
+                   requested_rows=int(manifest.get("requested_rows", 0)),
+                   context_length=int(manifest["recipe"]["data"]["context_length"]))

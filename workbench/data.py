@@ -86,7 +86,9 @@ def num_rows(cfg: DataConfig) -> int:
 
 
 def iter_rows(cfg: DataConfig, tokenizer) -> Iterator[list[int]]:
-    """Token rows (unpadded lists), at most num_rows(cfg) of them."""
+    """Token rows (unpadded lists), at most num_rows(cfg) of them: fewer when the data runs out (the
+    caller can tell by counting; collection warns and records it). Packed rows are exactly
+    context_length long; padded-mode rows are one document each, truncated to context_length."""
     want = num_rows(cfg)
     produced = 0
     length = cfg.context_length
@@ -113,9 +115,11 @@ def iter_rows(cfg: DataConfig, tokenizer) -> Iterator[list[int]]:
                 produced += 1
             if produced >= want:
                 return
-    if produced == 0:
+    if produced == 0 and cfg.packing:
         raise WorkbenchError(f"data.path {cfg.path} gave no complete row of {length} tokens: the corpus is empty or "
                              "too short (add text or lower data.context_length)")
+    if produced == 0:
+        raise WorkbenchError(f"data.path {cfg.path} gave no document with any tokens: the corpus is empty (add text)")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -149,16 +150,23 @@ def build(key: str, path: Path) -> None:
         median_norm = emb_VD.norm(dim=1).median()
         for tid in sink_ids:
             emb_VD[tid] = emb_VD[tid] / emb_VD[tid].norm() * median_norm * spec.sink_scale
-    tmp = path.with_name(path.name + ".building")
-    tmp.mkdir(parents=True, exist_ok=True)
+    # One folder per process: under `accelerate launch` every process may build at once. The build is
+    # deterministic, so whichever finishes first wins and the others discard theirs.
+    tmp = path.with_name(f"{path.name}.building-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / INFO_FILE).write_text(json.dumps({"name": PREFIX + key, "spec": asdict(spec), "sink_token_ids": sink_ids}, indent=2))
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    if path.exists() and not (path / INFO_FILE).is_file():
+        shutil.rmtree(path)  # a folder that is not a finished build
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / INFO_FILE).is_file():
+            raise
+        shutil.rmtree(tmp)  # another process finished first
 
 
 def sink_token_ids(model_path: str) -> list[int]:

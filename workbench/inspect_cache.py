@@ -18,13 +18,14 @@ def sink_statistics(cache: ActivationCache, layer: int) -> dict:
     max_kept_ratio, ratios = 0.0, []
     for shard in range(len(cache.shards)):
         h5 = cache._h5(shard)
-        g = h5[f"layer_{layer}"]
-        reason = g["drop_reason"][:]
-        batch = h5["tokens/batch"][:] - int(h5.attrs["first_batch"])
-        ratio = g["norm"][:] / g["batch_median"][:][batch]
-        sink = reason == SINK
-        sink_ids.update(h5["tokens/token_id"][:][sink].tolist())
-        sink_pos.update(h5["tokens/position"][:][sink].tolist())
+        with cache._reading(shard):
+            g = h5[f"layer_{layer}"]
+            reason = g["drop_reason"][:]
+            batch = h5["tokens/batch"][:] - int(h5.attrs["first_batch"])
+            ratio = g["norm"][:] / g["batch_median"][:][batch]
+            sink = reason == SINK
+            sink_ids.update(h5["tokens/token_id"][:][sink].tolist())
+            sink_pos.update(h5["tokens/position"][:][sink].tolist())
         ratios.append(ratio[sink])
         if (reason == 0).any():
             max_kept_ratio = max(max_kept_ratio, float(ratio[reason == 0].max()))
@@ -47,6 +48,8 @@ def describe(path: str, top: int = 10) -> str:
             f"filter     sink multiple {rec['collect']['sink_multiple']} (median over {rec['collect']['sink_median']} tokens), "
             f"drop first token {rec['collect']['drop_first_token']}",
             f"size       {s['tokens']:,} tokens in {s['sequences']:,} sequences, {s['shards']} shards, {s['bytes'] / 2**20:,.1f} MiB",
+            *([f"warning    the data ran out: {s['sequences']:,} of the {m['requested_rows']:,} requested rows were read"]
+              if s["sequences"] < m.get("requested_rows", 0) else []),
             "",
             f"{'layer':>6} {'kept':>12} {'first':>9} {'sinks':>9} {'sink %':>8} {'sink/median min..med':>22} {'kept max':>9}",
         ]

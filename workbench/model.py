@@ -8,6 +8,7 @@ the forward once the deepest requested layer has run.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,13 +21,40 @@ from workbench.errors import WorkbenchError
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def _model_path(cfg: ModelConfig) -> str:
+    """model.name as something from_pretrained takes; a name that is a path must be a directory."""
+    path = resolve_model_path(cfg.name)
+    if path.startswith(("/", "./", "../", "~")) or Path(path).exists():
+        if not Path(path).expanduser().is_dir():
+            raise WorkbenchError(f"model.name {cfg.name} is not a directory; give a local directory saved with "
+                                 "save_pretrained, or a hub id such as Qwen/Qwen3-8B")
+        return str(Path(path).expanduser())
+    return path
+
+
+def load_config(cfg: ModelConfig):
+    """The model's transformers config only (no weights): for checks before the weights load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(_model_path(cfg), trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    except (OSError, ValueError) as err:
+        raise WorkbenchError(f"cannot load the config of model.name '{cfg.name}': {str(err).splitlines()[0]} "
+                             "(give a hub id or a local directory saved with save_pretrained)") from None
+
+
+def num_layers_of(config) -> int:
+    """num_hidden_layers of a (possibly multimodal) model config."""
+    return int(getattr(config, "text_config", config).num_hidden_layers)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.name)
+    path = _model_path(cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise WorkbenchError(f"cannot load the tokenizer of model.name '{cfg.name}': {str(err).splitlines()[0]} "
                              "(give a hub id or a local directory with tokenizer files)") from None
     if tokenizer.pad_token_id is None:
@@ -38,13 +66,13 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
     """The model in eval mode on `device`, in cfg.dtype ('auto' keeps the checkpoint's dtype)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(cfg.name)
+    path = _model_path(cfg)
     dtype: Any = "auto" if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise WorkbenchError(f"cannot load model.name '{cfg.name}': {str(err).splitlines()[0]} "
                              "(give a hub id or a local directory saved with save_pretrained)") from None
     model.to(device).eval()
