@@ -3,6 +3,7 @@
     workbench collect RECIPE [key=value ...]     activations -> HDF5 cache
     workbench inspect CACHE                      what a cache holds, with its sink statistics
     workbench train RECIPE [key=value ...]       HDF5 cache -> BatchTopK / Matryoshka SAEs
+    workbench run RECIPE [key=value ...]         the whole pipeline, each stage resumed or skipped when done
     workbench plan RECIPE [key=value ...]        what a recipe means (layers, tokens, disk, steps, paths), offline
     workbench eval SAE|RUN [RECIPE] [k=v ...]    LM loss with the SAE(s) spliced in (frac_recovered, KL)
     workbench threshold SAE [--method ...]       the JumpReLU threshold (ema | batch-min | l0), written into the SAE
@@ -48,6 +49,28 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     print(describe(args.cache, top=args.top))
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from workbench.plan import plan, render
+
+        print(render(plan(recipe, args.recipe)))
+        return 0
+    from workbench.pipeline import STAGES, run
+
+    run(recipe, args.recipe, list(args.overrides), tuple(args.stages.split(",")) if args.stages else STAGES)
+    return 0
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print what the recipe means (layers, tokens, disk, "
+                                                          "steps, paths) without loading weights, and stop")
+    p.add_argument("--stages", help="comma-separated subset of collect,train,threshold,eval,export,verify")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -148,6 +171,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     "inspect": (cmd_inspect, "summarise a cache, with its sink statistics",
                 lambda p: (p.add_argument("cache"), p.add_argument("--top", type=int, default=10,
                                                                     help="most frequent sink tokens to list"))),
+    "run": (cmd_run, "the whole pipeline: collect, train, threshold, eval, export, verify (resumable)", _run_args),
     "plan": (cmd_plan, "what a recipe means, without loading weights (the dry run)", _recipe_args),
     "eval": (cmd_eval, "the model's loss with an SAE spliced in at its layer", _eval_args),
     "threshold": (cmd_threshold, "derive, compare and write the JumpReLU threshold of an SAE", _threshold_args),

@@ -1,0 +1,454 @@
+"""`workbench train`: BatchTopK and Matryoshka SAEs from the activation cache, under Accelerate.
+
+    workbench train recipes/demo.yaml train.num_tokens=2_000_000
+    accelerate launch --num_processes 2 -m workbench train recipes/demo.yaml
+
+Output, the layout of the published dictionary_learning series:
+    <train.out>/resid_post_layer_<L>/<name>/ae.pt, config.json, eval_results.json,
+                                            metrics.jsonl, training_curves.png
+    <train.out>/resid_post_layer_<L>/checkpoint.pt     while the layer trains (all its SAEs)
+
+Data: the training split of the cache is read as `train.data_lanes` interleaved streams (lane l is
+`cache.batches(rank=l, world_size=lanes)`, epoch after epoch) and a global batch is one lane batch
+from each lane, in lane order; process r of W handles lanes r, r+W, ... So the global batches do not
+depend on the number of processes, and every batch is read once and fed to every SAE of the layer.
+The last blocks of the cache (train.eval_tokens tokens, at most half the layer) are held out:
+eval_results.json is computed on them, and the threshold stage reads them (config.json records the
+fraction).
+
+Resume: re-running the same command continues from the layer's last checkpoint (written atomically
+every train.checkpoint_every steps and after the last step) and ends with the same weights as an
+uninterrupted run. The checkpoint is deleted once every SAE folder of the layer is written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from workbench.cache import ActivationCache, prefetch
+from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, to_dict
+from workbench.errors import WorkbenchError
+from workbench.formats import dictionary_learning as dl_format
+from workbench.metrics import evaluate
+from workbench.sae import SAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, matryoshka_group_sizes
+from workbench.trainer import Comm, Trainer
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+CURVES = "training_curves.png"
+NORM_SAMPLE_BATCHES = 100  # batches averaged for the normalisation factor (dictionary_learning: 100)
+ARCH_CLASS = {"batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE}
+
+
+def layer_dir(out: str | Path, layer: int) -> Path:
+    return Path(out) / f"resid_post_layer_{layer}"
+
+
+@dataclass
+class Plan:
+    """What a recipe's train section resolves to for one layer of one cache."""
+
+    steps: int
+    decay_start: int | None  # a step index
+    k_anneal_steps: int | None
+    holdout_fraction: float
+    fingerprint: str  # of everything that determines the result; a checkpoint must match it
+
+
+def train(recipe: Recipe) -> list[Path]:
+    """Train every SAE of train.saes on every layer of train.layers. Returns the SAE folders."""
+    from accelerate import Accelerator
+
+    t = recipe.train
+    acc = Accelerator()
+    if t.data_lanes % acc.num_processes:
+        raise WorkbenchError(f"train.data_lanes ({t.data_lanes}) must be a multiple of the number of processes "
+                             f"({acc.num_processes}); set train.data_lanes={acc.num_processes * max(1, t.data_lanes // acc.num_processes)}")
+    cache = ActivationCache(t.cache or recipe.collect.out)
+    layers = t.layers if t.layers is not None else cache.layers
+    for layer in layers:
+        cache.num_tokens(layer)  # a clear error for a layer the cache does not have
+    folders = []
+    for layer in layers:
+        folders += train_layer(recipe, acc, cache, layer)
+    cache.close()
+    return folders
+
+
+def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
+    """Steps and schedule points, and the held-out share of the cache: train.eval_tokens tokens (at most
+    half of the layer) for eval_results.json, which the threshold stage reads too."""
+    t = recipe.train
+    steps = t.num_tokens // t.batch_size
+    if steps <= t.warmup_steps:
+        raise WorkbenchError(f"train.num_tokens {t.num_tokens} is {steps} steps of {t.batch_size} tokens, not more than "
+                             f"train.warmup_steps ({t.warmup_steps}); raise num_tokens or lower warmup_steps")
+    decay_start = _as_steps(t.decay_start, steps)
+    if decay_start is not None and not t.warmup_steps < decay_start < steps:
+        raise WorkbenchError(f"train.decay_start resolves to step {decay_start}: it must lie after warmup_steps "
+                             f"({t.warmup_steps}) and before the last step ({steps}); change it or set it to null")
+    k_anneal = _as_steps(t.k_anneal_steps, steps) or None
+    if k_anneal is not None and k_anneal >= steps:
+        raise WorkbenchError(f"train.k_anneal_steps resolves to {k_anneal} steps, not fewer than the {steps} steps of the run")
+    holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
+    identity = {"train": {k: v for k, v in to_dict(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
+                "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
+    return Plan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
+
+
+def _as_steps(value: float | None, steps: int) -> int | None:
+    """A fraction of the run (<= 1) or a step count (> 1)."""
+    if value is None:
+        return None
+    return int(value * steps) if value <= 1 else int(value)
+
+
+def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list[Path]:
+    """Train all SAEs of one layer from one pass over its batches; resume from its checkpoint."""
+    from tqdm.auto import tqdm
+
+    t = recipe.train
+    plan = plan_layer(recipe, cache, layer)
+    folders = [layer_dir(t.out, layer) / s.name for s in t.saes]
+    checkpoint_path = layer_dir(t.out, layer) / CHECKPOINT
+    if all(_is_complete(folder, plan, t) for folder in folders):
+        if acc.is_main_process:
+            print(f"layer {layer}: already trained in {layer_dir(t.out, layer)}")
+            checkpoint_path.unlink(missing_ok=True)  # left behind if a kill came after the last SAE was written
+        return folders
+
+    checkpoint = _read_checkpoint(checkpoint_path, plan)
+    if checkpoint is not None:
+        norm_factor = checkpoint["norm_factor"]
+    else:
+        norm_factor = _norm_factor(cache, layer, t, plan) if t.normalize_activations else 1.0
+    comm = Comm(acc)
+    trainers = [_make_trainer(recipe, cache, layer, cfg, plan, comm, acc.device) for cfg in t.saes]
+    if checkpoint is not None:
+        for trainer, state in zip(trainers, checkpoint["trainers"], strict=True):
+            trainer.load_state_dict(state)
+        _set_rng_state(checkpoint["rng"])
+    elif t.init_from is not None:
+        for trainer in trainers:  # the loaded SAE works on raw activations; training sees x / norm_factor
+            trainer.sae.scale_biases(1 / norm_factor)
+    start = checkpoint["step"] if checkpoint is not None else 0
+    if acc.is_main_process:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(folder / METRICS, start)
+
+    lanes = list(range(acc.process_index, t.data_lanes, acc.num_processes))
+    batches = prefetch(_global_batches(cache.root, layer, lanes, t, plan, start))
+    log_every = max(1, min(100, plan.steps // 500))
+    bar = tqdm(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}",
+               disable=not acc.is_main_process, dynamic_ncols=True)
+    tick, tick_step = time.perf_counter(), start
+    for step in range(start, plan.steps):
+        x_BD = next(batches).to(acc.device, non_blocking=True) / norm_factor
+        log = (step + 1) % log_every == 0 or step + 1 == plan.steps
+        logs = [trainer.update(x_BD, log=log) for trainer in trainers]
+        bar.update(1)
+        if log:
+            now = time.perf_counter()
+            tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
+            tick, tick_step = now, step + 1
+            if acc.is_main_process:
+                for folder, entry in zip(folders, logs, strict=True):
+                    _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
+                                                       **entry, "tokens_per_s": tokens_per_s})
+                first = logs[0]
+                bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
+                                FVE=f"{first['frac_variance_explained']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps:  # the last: a kill while
+            _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)  # finishing redoes only that
+    bar.close()
+
+    if acc.is_main_process:
+        for trainer, cfg, folder in zip(trainers, t.saes, folders, strict=True):
+            _finish(recipe, cache, layer, cfg, trainer, plan, norm_factor, folder)
+        checkpoint_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
+    return folders
+
+
+def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, plan: Plan,
+                  comm: Comm, device: torch.device) -> Trainer:
+    t = recipe.train
+    if t.init_from is not None:
+        sae = _load_init(t.init_from, layer, cfg, cache.d_model)
+    else:
+        torch.manual_seed(t.seed)  # as dictionary_learning: the trainer's seed, then the SAE
+        if cfg.arch == "matryoshka":
+            sae = MatryoshkaBatchTopKSAE(cache.d_model, cfg.width, cfg.k, matryoshka_group_sizes(cfg.width, cfg.group_fractions))
+        else:
+            sae = BatchTopKSAE(cache.d_model, cfg.width, cfg.k)
+    sae.to(device)
+    autocast = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
+    return Trainer(sae, plan.steps, lr=t.lr, warmup_steps=t.warmup_steps, decay_start=plan.decay_start,
+                   k_anneal_steps=plan.k_anneal_steps, auxk_alpha=t.auxk_alpha, threshold_beta=t.threshold_beta,
+                   threshold_start_step=t.threshold_start_step, dead_feature_threshold=t.dead_feature_threshold,
+                   group_weights=cfg.group_weights, fine_tune=t.init_from is not None, autocast_dtype=autocast, comm=comm)
+
+
+def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
+    """The SAE to fine-tune: `init_from` is one SAE folder, or a series with resid_post_layer_<L>/<name>/."""
+    root = Path(init_from)
+    folder = next((f for f in (root, layer_dir(root, layer) / cfg.name) if (f / dl_format.AE_FILE).is_file()), None)
+    if folder is None:
+        if (root / "cfg.json").is_file() or (root / "sae_weights.safetensors").is_file():
+            raise WorkbenchError(f"train.init_from {root} is a SAELens folder; fine-tuning reads dictionary_learning "
+                                 f"folders: convert it first (workbench convert {root} --to dictionary_learning --out DIR "
+                                 f"--k {cfg.k}) and give DIR")
+        raise WorkbenchError(f"train.init_from {root} has no ae.pt (nor resid_post_layer_{layer}/{cfg.name}/ae.pt); "
+                             "give a dictionary_learning SAE folder")
+    sae, _ = dl_format.load_folder(folder)
+    problems = []
+    if not isinstance(sae, ARCH_CLASS[cfg.arch]):
+        problems.append(f"it is a {type(sae).__name__}, the recipe says arch {cfg.arch}")
+    if sae.activation_dim != d_model:
+        problems.append(f"d_model {sae.activation_dim} != the cache's {d_model}")
+    if sae.dict_size != cfg.width:
+        problems.append(f"width {sae.dict_size} != train.saes {cfg.name}.width {cfg.width}")
+    if int(sae.k) != cfg.k:
+        problems.append(f"k {int(sae.k)} != train.saes {cfg.name}.k {cfg.k}")
+    if isinstance(sae, MatryoshkaBatchTopKSAE) and cfg.group_fractions and sae.dict_size == cfg.width:
+        wanted = matryoshka_group_sizes(cfg.width, cfg.group_fractions)
+        if sae.group_sizes.tolist() != wanted:
+            problems.append(f"group sizes {sae.group_sizes.tolist()} != {wanted} from group_fractions")
+    if problems:
+        raise WorkbenchError(f"cannot fine-tune {folder}: {'; '.join(problems)}; make the recipe match the checkpoint")
+    return sae
+
+
+def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan) -> float:
+    """sqrt(mean ||x||^2) over the first NORM_SAMPLE_BATCHES training batches (one stream, so every
+    process computes the same factor)."""
+    mean_sq = []
+    for i, x_BD in enumerate(cache.batches(layer, t.batch_size, seed=t.seed, holdout_fraction=plan.holdout_fraction)):
+        mean_sq.append(x_BD.pow(2).sum(dim=1).mean().item())
+        if i + 1 == NORM_SAMPLE_BATCHES:
+            break
+    if not mean_sq:
+        raise WorkbenchError(f"the cache has fewer training tokens in layer {layer} than one batch ({t.batch_size}); "
+                             "lower train.batch_size or collect more tokens")
+    return float(np.sqrt(np.mean(mean_sq)))
+
+
+def _global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, plan: Plan, start: int) -> Iterator[torch.Tensor]:
+    """This process's share of the global batches of steps start..steps-1: one batch from each of its
+    lanes, concatenated."""
+    with ActivationCache(root) as cache:  # its own file handles: this runs in the prefetch thread
+        streams = [_lane(cache, layer, lane, t, plan, skip=start) for lane in lanes]
+        for _ in range(start, plan.steps):
+            yield torch.cat([next(s) for s in streams])
+
+
+def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: Plan, skip: int) -> Iterator[torch.Tensor]:
+    """Lane `lane` of the training split, epoch after epoch (epoch e shuffled with seed
+    seed * 100003 + e, shared by all lanes so that they partition the blocks), after `skip` batches."""
+    lane_batch = t.batch_size // t.data_lanes
+    epoch = 0
+    while True:
+        n = 0
+        for x_BD in cache.batches(layer, lane_batch, seed=t.seed * 100003 + epoch, rank=lane, world_size=t.data_lanes,
+                                  holdout_fraction=plan.holdout_fraction):
+            n += 1
+            if skip:
+                skip -= 1
+                continue
+            yield x_BD
+        if n == 0:
+            raise WorkbenchError(f"lane {lane} of {t.data_lanes} got no batch of {lane_batch} tokens from layer {layer}: "
+                                 "the cache is too small for these lanes; lower train.data_lanes or train.batch_size")
+        epoch += 1
+
+
+def _finish(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer, plan: Plan,
+            norm_factor: float, folder: Path) -> None:
+    """Fold the normalisation into the SAE, evaluate it on held-out tokens, write the folder and plots."""
+    t, sae = recipe.train, trainer.sae
+    sae.scale_biases(norm_factor)
+    config = folder_config(recipe, cache, layer, cfg, trainer, plan, norm_factor)
+    eval_results = None
+    if t.eval_tokens > 0:
+        eval_results = _evaluate(sae, cache, layer, t, plan)
+        eval_results["dead_latents_training"] = int((trainer.num_tokens_since_fired >= t.dead_feature_threshold).sum())
+    dl_format.save_folder(sae, folder, config, eval_results)
+    plot_curves(folder / METRICS, folder / CURVES, title=f"layer {layer} {cfg.name} ({cfg.arch}, width {cfg.width}, k {cfg.k})")
+
+
+def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan) -> dict:
+    """eval_results.json: the threshold path on held-out tokens, plus the batch top-k rule's l0 and FVE."""
+    batch = min(t.batch_size, t.eval_tokens)
+
+    def holdout() -> Iterator[torch.Tensor]:
+        stream = cache.batches(layer, batch, shuffle=False, holdout_fraction=plan.holdout_fraction, split="holdout")
+        yield from itertools.islice(stream, max(1, t.eval_tokens // batch))
+
+    ctx_len = cache.manifest["recipe"]["data"]["context_length"]
+    try:
+        results = evaluate(sae, holdout(), context_length=ctx_len)
+        topk = evaluate(sae, holdout(), use_threshold=False, context_length=ctx_len)
+    except ValueError:
+        raise WorkbenchError(f"the held-out part of layer {layer} has fewer than {batch} tokens; "
+                             "lower train.eval_tokens or collect more tokens") from None
+    results["l0_batch_topk"] = topk["l0"]
+    results["frac_variance_explained_batch_topk"] = topk["frac_variance_explained"]
+    return results
+
+
+def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer,
+                  plan: Plan, norm_factor: float) -> dict:
+    """config.json: dictionary_learning's trainer and buffer sections, and the workbench section."""
+    t, sae, m = recipe.train, trainer.sae, cache.manifest
+    device = str(sae.b_dec.device)
+    model_name = m["recipe"]["model"]["name"]
+    trainer_cfg = dl_format.trainer_section(
+        sae, lr=trainer.lr, steps=plan.steps, auxk_alpha=t.auxk_alpha, warmup_steps=t.warmup_steps,
+        decay_start=plan.decay_start, threshold_beta=t.threshold_beta, threshold_start_step=t.threshold_start_step,
+        seed=t.seed, device=device, layer=layer, lm_name=model_name, group_fractions=cfg.group_fractions,
+        group_weights=getattr(trainer, "group_weights", None))
+    buffer_cfg = dl_format.buffer_section(
+        cache.d_model, ctx_len=m["recipe"]["data"]["context_length"], n_ctxs=m["summary"]["sequences"],
+        refresh_batch_size=m["recipe"]["collect"]["batch_size"], out_batch_size=t.batch_size, device=device)
+    workbench = {
+        "arch": cfg.arch, "model": model_name, "dataset": m["recipe"]["data"]["path"], "layer": layer,
+        "sink_multiple": cache.sink_multiple, "sink_median": m["recipe"]["collect"]["sink_median"],
+        "drop_first_token": cache.drop_first_token,
+        "normalize_activations": t.normalize_activations, "norm_factor": norm_factor,
+        "k_anneal_steps": trainer.k_anneal_steps,
+        "cache": str(cache.root.resolve()), "cache_fingerprint": m["fingerprint"],
+        "holdout_fraction": plan.holdout_fraction, "eval_tokens": t.eval_tokens,
+        "tokens_trained": plan.steps * t.batch_size, "steps": plan.steps, "batch_size": t.batch_size,
+        "data_lanes": t.data_lanes, "dead_feature_threshold": t.dead_feature_threshold,
+        "autocast_dtype": t.autocast_dtype, "init_from": t.init_from, "train_fingerprint": plan.fingerprint,
+    }
+    return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: workbench}
+
+
+def _is_complete(folder: Path, plan: Plan, t: TrainConfig) -> bool:
+    """A finished SAE of this very plan: its files are there and its config names the plan."""
+    needed = [dl_format.AE_FILE, dl_format.CONFIG_FILE] + ([dl_format.EVAL_FILE] if t.eval_tokens > 0 else [])
+    if not all((folder / name).is_file() for name in needed):
+        return False
+    try:
+        extra = json.loads((folder / dl_format.CONFIG_FILE).read_text()).get(dl_format.EXTRA_SECTION, {})
+    except json.JSONDecodeError:
+        return False
+    return extra.get("train_fingerprint") == plan.fingerprint
+
+
+def _write_checkpoint(acc, path: Path, plan: Plan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
+    """All SAEs of the layer with their optimiser state, counters, data position (the step) and RNG,
+    written to a temporary file and renamed, so a kill at any moment leaves the previous one intact."""
+    if acc.is_main_process:
+        state = {"fingerprint": plan.fingerprint, "step": step, "norm_factor": norm_factor,
+                 "trainers": [trainer.state_dict() for trainer in trainers], "rng": _rng_state()}
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(state, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise WorkbenchError(f"cannot write checkpoint {path}: {str(err).splitlines()[0]}; free disk space "
+                                 "and re-run the same command to resume from the previous checkpoint") from None
+    acc.wait_for_everyone()
+
+
+def _read_checkpoint(path: Path, plan: Plan) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: say which and how to recover
+        raise WorkbenchError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:200]}); "
+                             "delete it to start the layer over") from None
+    if state.get("fingerprint") != plan.fingerprint:
+        raise WorkbenchError(f"checkpoint {path} was written by a different train recipe or cache; restore that "
+                             "recipe to resume, or delete the checkpoint to start the layer over")
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _append_metrics(path: Path, entry: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(entry) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the log lines of steps up to `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """metrics.jsonl as a list of dicts: step, tokens, loss, mse, auxk_loss, l0, frac_variance_explained,
+    dead, threshold, lr, k, tokens_per_s."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> None:
+    """The training curves (loss, variance explained, L0, dead latents, threshold, lr) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+    if not rows:
+        return
+    tokens = [r["tokens"] for r in rows]
+    panels = [("loss", "loss", True), ("frac_variance_explained", "variance explained", False),
+              ("l0", "L0 (training)", False), ("dead", "dead latents", False),
+              ("threshold", "threshold (normalised units)", False), ("lr", "learning rate", False)]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, label, log_y) in zip(axes.flat, panels, strict=True):
+        values = [r[key] for r in rows]
+        if key == "threshold":  # -1 until the EMA starts
+            values = [v if v >= 0 else float("nan") for v in values]
+        ax.plot(tokens, values, lw=1)
+        if key == "frac_variance_explained":  # the first steps' large negative values would flatten the curve
+            ax.set_ylim(max(min(values), -0.1), 1.0)
+        if key == "l0":
+            ax.plot(tokens, [r["k"] for r in rows], lw=1, ls="--", label="k")
+            ax.legend()
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png_path.with_name(png_path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)

@@ -1,0 +1,285 @@
+"""The training step of dictionary_learning's BatchTopKTrainer and MatryoshkaBatchTopKTrainer (0.1.0).
+
+`Trainer.update(x_BD)` is one step, the same algorithm step for step (tests/test_trainer_parity.py
+proves it against the reference to 1e-5 after 1200 steps):
+
+    step 0            b_dec := geometric median of the batch (not when fine-tuning)
+    encode            pre_BF = relu((x - b_dec) @ W_enc + b_enc); keep the k*B largest entries of
+                      the whole batch (k annealed from D to k over the first steps, newer dictionary_learning)
+    threshold         for step > threshold_start_step: EMA (beta 0.999) of the smallest kept value
+    loss              ||x - x_hat||^2 summed over D, mean over the batch (Matryoshka: the mean over
+                      groups of weight_i * that loss for the reconstruction from groups 0..i)
+                      + auxk_alpha * aux-k loss (top D/2 dead latents reconstruct the residual)
+    dead latents      a latent not kept for dead_feature_threshold tokens is dead
+    after backward    drop the gradient along each decoder direction, clip the norm at 1, Adam with
+                      warmup and linear decay, decoder directions back to unit norm
+
+It differs from the reference only in how it computes: the kept entries are found without a full
+top-k and decoded sparsely, forward and backward (see `workbench.sae`), and under data parallelism
+the selection, the threshold and the dead counters come from the global batch (`Comm`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any
+
+import torch
+
+from workbench.sae import (
+    SAE,
+    BatchTopKSAE,
+    Kept,
+    MatryoshkaBatchTopKSAE,
+    batch_topk_select,
+    decode_kept,
+    encode_kept,
+)
+
+
+class Comm:
+    """The collectives of the data-parallel step, through an Accelerator; one process needs none.
+
+    Every process holds an equal share of the global batch. `cat` concatenates along dim 0 across
+    processes, `sum` and `mean` reduce elementwise.
+    """
+
+    def __init__(self, accelerator: Any = None):
+        self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+        self.world_size = 1 if self.acc is None else self.acc.num_processes
+        self.rank = 0 if self.acc is None else self.acc.process_index
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.acc is None else self.acc.gather(t.contiguous())
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.acc is None else self.acc.reduce(t, reduction="sum")
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.acc is None else self.acc.reduce(t, reduction="mean")
+
+    def batch_mean(self, t_B: torch.Tensor) -> torch.Tensor:
+        """Mean over the global batch of a per-token quantity [B, ...] -> [...]."""
+        return t_B.mean(0) if self.acc is None else self.mean(t_B.mean(0))
+
+
+def auto_lr(dict_size: int) -> float:
+    """dictionary_learning's default: 2e-4 / sqrt(F / 2^14) (the 1/sqrt(F) scaling law)."""
+    return 2e-4 / (dict_size / 2**14) ** 0.5
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int, decay_start: int | None) -> float:
+    """Learning-rate multiplier at a step: linear warmup from 0, then 1, then linear decay to 0."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if decay_start is not None and step >= decay_start:
+        return (steps - step) / (steps - decay_start)
+    return 1.0
+
+
+def annealed_k(step: int, k: int, activation_dim: int, anneal_steps: int | None) -> int:
+    """k at a step: int(D * (1 - r) + k * r), r = min(step, K) / K; k itself when off (K None or 0)."""
+    if not anneal_steps or activation_dim <= k:
+        return k
+    r = min(step, anneal_steps) / anneal_steps
+    return int(activation_dim * (1 - r) + k * r)
+
+
+@torch.no_grad()
+def geometric_median(points_ND: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld iterations from the mean, as dictionary_learning's b_dec initialisation: [N, D] -> [D]."""
+    guess_D = points_ND.mean(dim=0)
+    for _ in range(max_iter):
+        previous_D = guess_D
+        weights_N = 1 / torch.norm(points_ND - guess_D, dim=1)
+        weights_N /= weights_N.sum()
+        guess_D = (weights_N.unsqueeze(1) * points_ND).sum(dim=0)
+        if torch.norm(guess_D - previous_D) < tol:
+            break
+    return guess_D
+
+
+def _decoder_FD(sae: SAE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """W_dec and its gradient as [F, D] views of the stored parameter, whatever its layout."""
+    W = sae.decoder.weight if isinstance(sae, BatchTopKSAE) else sae.W_dec
+    transpose = isinstance(sae, BatchTopKSAE)
+    grad = W.grad
+    return (W.T, None if grad is None else grad.T) if transpose else (W, grad)
+
+
+class Trainer:
+    """One SAE's optimisation: Adam, the schedules, dead-latent counters and the threshold EMA.
+
+    Hyperparameters carry dictionary_learning's names and defaults. `fine_tune` keeps the loaded
+    weights: no b_dec initialisation, no k annealing; the threshold continues from its value.
+    """
+
+    def __init__(self, sae: SAE, steps: int, *, lr: float | None = None, warmup_steps: int = 1000,
+                 decay_start: int | None = None, k_anneal_steps: int | None = None, auxk_alpha: float = 1 / 32,
+                 threshold_beta: float = 0.999, threshold_start_step: int = 1000,
+                 dead_feature_threshold: int = 10_000_000, group_weights: list[float] | None = None,
+                 fine_tune: bool = False, autocast_dtype: torch.dtype | None = None, comm: Comm | None = None):
+        if not 0 <= warmup_steps < steps:
+            raise ValueError(f"warmup_steps ({warmup_steps}) must be >= 0 and < steps ({steps})")
+        if decay_start is not None and not warmup_steps < decay_start < steps:
+            raise ValueError(f"decay_start ({decay_start}) must be > warmup_steps ({warmup_steps}) and < steps ({steps})")
+        self.sae, self.steps = sae, steps
+        self.k = int(sae.k)
+        self.lr = lr if lr is not None else auto_lr(sae.dict_size)
+        self.warmup_steps, self.decay_start = warmup_steps, decay_start
+        self.k_anneal_steps = None if fine_tune else k_anneal_steps
+        self.auxk_alpha, self.top_k_aux = auxk_alpha, sae.activation_dim // 2
+        self.threshold_beta, self.threshold_start_step = threshold_beta, threshold_start_step
+        self.dead_feature_threshold = dead_feature_threshold
+        self.fine_tune = fine_tune
+        self.autocast_dtype = autocast_dtype
+        self.comm = comm or Comm()
+        if isinstance(sae, MatryoshkaBatchTopKSAE):
+            n_groups = len(sae.group_sizes)
+            self.group_weights = group_weights or [1.0 / n_groups] * n_groups
+            if len(self.group_weights) != n_groups:
+                raise ValueError(f"{len(self.group_weights)} group weights for {n_groups} groups")
+        device = sae.b_dec.device
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=self.lr, betas=(0.9, 0.999),
+                                          fused=device.type in ("cpu", "cuda"))
+        self.step = 0
+        self.num_tokens_since_fired = torch.zeros(sae.dict_size, dtype=torch.long, device=device)
+        self.dead = 0  # latents dead at the last step
+
+    def update(self, x_BD: torch.Tensor, log: bool = False) -> dict[str, float]:
+        """One step on this process's share x_BD [B, D] of the global batch (already normalised).
+
+        Returns the step's statistics over the global batch when `log` (loss, mse, auxk_loss, l0,
+        frac_variance_explained, dead, threshold, lr, k), else {}.
+        """
+        sae, step, comm = self.sae, self.step, self.comm
+        B = x_BD.shape[0] * comm.world_size
+        if step == 0 and not self.fine_tune:
+            sae.b_dec.data.copy_(geometric_median(comm.cat(x_BD)))
+
+        # Encode: dense pre-activations without autograd; the global batch top-k as an index set.
+        k = annealed_k(step, self.k, sae.activation_dim, self.k_anneal_steps)
+        with torch.no_grad(), self._autocast():
+            hidden_pre_BF = sae.hidden_pre(x_BD).float()  # before the relu: the selection keeps positives only
+        kept, vals_N = batch_topk_select(hidden_pre_BF, k * B, comm)
+        f_N = encode_kept(sae, x_BD, vals_N, kept)
+        if step > self.threshold_start_step:
+            self._update_threshold(vals_N)
+
+        x_hat_BD, mse = self._reconstruct(x_BD, f_N, kept)
+        fired_F = comm.sum(torch.bincount(kept.cols, minlength=sae.dict_size)) > 0
+        self.num_tokens_since_fired += B
+        self.num_tokens_since_fired[fired_F] = 0
+        auxk = self._auxk_loss(x_BD, (x_BD - x_hat_BD).detach(), hidden_pre_BF)
+        loss = mse + self.auxk_alpha * auxk
+        loss.backward()
+
+        # Gradient step on the sphere of unit decoder directions.
+        params = list(sae.parameters())
+        self._average_gradients(params)
+        W_dec_FD, grad_FD = _decoder_FD(sae)
+        with torch.no_grad():
+            normed_FD = W_dec_FD / (W_dec_FD.norm(dim=1, keepdim=True) + 1e-6)
+            grad_FD -= (grad_FD * normed_FD).sum(dim=1, keepdim=True) * normed_FD
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = self.lr * lr_factor(step, self.steps, self.warmup_steps, self.decay_start)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        with torch.no_grad():
+            W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True) + torch.finfo(W_dec_FD.dtype).eps
+        self.step += 1
+        if not log:
+            return {}
+        return self._log(x_BD, x_hat_BD, kept, loss, mse, auxk, lr, k)
+
+    def _reconstruct(self, x_BD: torch.Tensor, f_N: torch.Tensor, kept: Kept) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_hat [B, D] and the reconstruction loss (Matryoshka: mean of the weighted prefix losses)."""
+        sae = self.sae
+        if not isinstance(sae, MatryoshkaBatchTopKSAE):
+            x_hat_BD = decode_kept(f_N, sae.W_dec_FD, kept) + sae.b_dec
+            return x_hat_BD, (x_BD - x_hat_BD).pow(2).sum(dim=-1).mean()
+        # Reconstruction from groups 0..i for every i: b_dec plus the cumulative sum of the groups' parts.
+        (B, D), G = x_BD.shape, len(self.group_weights)
+        parts_BGD = decode_kept(f_N, sae.W_dec_FD, kept.by_group(sae.group_bounds)).view(B, G, D)
+        prefixes_BGD = torch.cat([sae.b_dec.expand(B, 1, D), parts_BGD], dim=1).cumsum(dim=1)[:, 1:]
+        losses_G = (x_BD[:, None] - prefixes_BGD).pow(2).sum(dim=-1).mean(dim=0)
+        weights_G = torch.tensor(self.group_weights, dtype=losses_G.dtype, device=losses_G.device)
+        return prefixes_BGD[:, -1], (losses_G * weights_G).mean()
+
+    def _auxk_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor, hidden_pre_BF: torch.Tensor) -> torch.Tensor:
+        """The top min(D/2, n_dead) dead latents of each token reconstruct the residual (no b_dec);
+        normalised by the residual's variance around its batch mean (OpenAI's rule); NaN -> 0."""
+        sae, comm = self.sae, self.comm
+        dead_idx = torch.nonzero(self.num_tokens_since_fired >= self.dead_feature_threshold).squeeze(1)
+        self.dead = dead_idx.numel()
+        if self.dead == 0:
+            return residual_BD.new_zeros(())
+        top = torch.relu(hidden_pre_BF[:, dead_idx]).topk(min(self.top_k_aux, self.dead), dim=1, sorted=False)
+        rows_BK = torch.arange(x_BD.shape[0], device=x_BD.device)[:, None].expand_as(top.indices)
+        positive = top.values > 0  # zeros add nothing to the reconstruction and pass no gradient
+        rows, cols, vals = rows_BK[positive], dead_idx[top.indices[positive]], top.values[positive]
+        order = torch.sort(rows * sae.dict_size + cols).indices  # row-major, as Kept expects
+        kept = Kept(rows[order], cols[order], tuple(hidden_pre_BF.shape))
+        f_aux_N = encode_kept(sae, x_BD, vals[order], kept)
+        recon_BD = decode_kept(f_aux_N, sae.W_dec_FD, kept)
+        l2_aux = (residual_BD - recon_BD).pow(2).sum(dim=-1).mean()
+        mu_D = comm.batch_mean(residual_BD)
+        denominator = comm.batch_mean((residual_BD - mu_D).pow(2).sum(dim=-1))
+        return (l2_aux / denominator).nan_to_num(0.0)
+
+    def _update_threshold(self, vals_N: torch.Tensor) -> None:
+        """EMA of the smallest kept (positive) value of the global batch; a batch with none counts 0."""
+        local_min = vals_N.min() if vals_N.numel() else vals_N.new_tensor(math.inf)
+        smallest = self.comm.cat(local_min.reshape(1)).min()
+        smallest = torch.where(torch.isinf(smallest), 0.0, smallest).float()
+        threshold = self.sae.threshold
+        if threshold < 0:
+            threshold.copy_(smallest)
+        else:
+            threshold.copy_(self.threshold_beta * threshold + (1 - self.threshold_beta) * smallest)
+
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Every parameter gets a gradient (zeros where nothing reached it, as the dense reference);
+        across processes the gradients are averaged in one flat all-reduce."""
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.comm.world_size == 1:
+            return
+        flat = self.comm.mean(torch.cat([p.grad.reshape(-1) for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p.grad))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.sae.b_dec.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def _log(self, x_BD, x_hat_BD, kept: Kept, loss, mse, auxk, lr: float, k: int) -> dict[str, float]:
+        comm = self.comm
+        scalars = comm.mean(torch.stack([loss.detach(), mse.detach(), auxk.detach(),
+                                         torch.tensor(len(kept) / x_BD.shape[0], device=x_BD.device)]))
+        # Variance explained as dictionary_learning logs it: 1 - sum_d var(x - x_hat) / sum_d var(x).
+        moments = comm.sum(torch.stack([x_BD.sum(0), x_BD.pow(2).sum(0), (x_BD - x_hat_BD).sum(0),
+                                        (x_BD - x_hat_BD).pow(2).sum(0)]).double())
+        n = x_BD.shape[0] * comm.world_size
+        var_x = (moments[1] - moments[0] ** 2 / n).sum()
+        var_e = (moments[3] - moments[2] ** 2 / n).sum()
+        loss_v, mse_v, auxk_v, l0 = scalars.tolist()
+        return {"loss": loss_v, "mse": mse_v, "auxk_loss": auxk_v, "l0": l0,
+                "frac_variance_explained": float(1 - var_e / var_x), "dead": self.dead,
+                "threshold": float(self.sae.threshold), "lr": lr, "k": k}
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "num_tokens_since_fired": self.num_tokens_since_fired.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.num_tokens_since_fired.copy_(state["num_tokens_since_fired"])
