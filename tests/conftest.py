@@ -17,3 +17,23 @@ def embedded_dir(tmp_path_factory) -> Path:
 
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def accelerate_two_cpu_processes(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The `accelerate launch` prefix and environment that really start 2 CPU processes (gloo).
+
+    `accelerate launch --cpu --num_processes 2` starts ONE process in accelerate 1.x (its simple
+    launcher); the multi-process launcher with ACCELERATE_USE_CPU=1 starts two. No accelerate config
+    file is read: HF_HOME is an empty folder and every choice is on the command line.
+    """
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "workbench"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+    return cmd, env

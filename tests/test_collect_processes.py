@@ -1,15 +1,14 @@
-"""Two processes under `accelerate launch --cpu` write the same cache as one process."""
+"""Two processes under `accelerate launch` (CPU, gloo) write the same cache as one process."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
+from conftest import accelerate_two_cpu_processes
 
 from workbench.cache import ActivationCache
 from workbench.collect import collect
@@ -22,12 +21,6 @@ model: {name: "embedded:tiny-qwen3"}
 data: {context_length: 64, num_tokens: 2800}
 collect: {layers: [1, 3], batch_size: 4, shard_batches: 2}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _sorted_tokens(cache: ActivationCache, layer: int) -> dict[str, np.ndarray]:
@@ -46,15 +39,17 @@ def test_two_processes_give_the_same_cache_contents_as_one(tmp_path):
     finally:
         torch.set_num_threads(old)
 
-    # No accelerate config file: HF_HOME points at an empty folder, every choice is on the command line.
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           "-m", "workbench", "collect", str(recipe), f"collect.out={tmp_path / 'two'}"]
+    launch, env = accelerate_two_cpu_processes(tmp_path)
+    cmd = [*launch, "collect", str(recipe), f"collect.out={tmp_path / 'two'}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("tokens read") == 1  # one summary, from the main process
+    # Really two processes: each wrote its own shards (shard i by process i mod 2).
+    writers = []
+    for shard in sorted((tmp_path / "two" / "shards").glob("shard_*.h5")):
+        with h5py.File(shard, "r") as h5:
+            writers.append((int(h5.attrs["process_index"]), int(h5.attrs["num_processes"])))
+    assert writers == [(i % 2, 2) for i in range(6)]
 
     with ActivationCache(tmp_path / "one") as one, ActivationCache(tmp_path / "two") as two:
         m1, m2 = one.manifest, two.manifest

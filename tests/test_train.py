@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import accelerate_two_cpu_processes
 
 from workbench.collect import collect
 from workbench.config import load_recipe
@@ -125,19 +125,6 @@ def run_cli(args: list[str], **env) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def launch_two_cpu_processes(tmp_path: Path) -> tuple[list[str], dict]:
-    """`accelerate launch` for 2 CPU processes. (`--cpu --num_processes 2` starts ONE process in
-    accelerate 1.x: its simple launcher; the multi-process launcher with ACCELERATE_USE_CPU=1 starts two
-    with the gloo backend.) No accelerate config file: HF_HOME is an empty folder."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           "-m", "workbench", "train"]
-    return cmd, {"ACCELERATE_USE_CPU": "1", "HF_HOME": str(tmp_path / "hf_home")}
-
-
 def state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / "ae.pt", weights_only=True)
 
@@ -173,12 +160,12 @@ def test_resume_after_kill_9_ends_with_the_same_weights(cache, tmp_path):
 def test_two_processes_give_the_same_saes_as_one(cache, tmp_path):
     short = dict(num_tokens=256 * 120, warmup_steps=20, threshold_start_step=20)
     train(load_recipe(write_recipe(tmp_path / "one.yaml", cache, tmp_path / "one", **short)))
-    launch, env = launch_two_cpu_processes(tmp_path)
-    two = run_cli([*launch, str(write_recipe(tmp_path / "two.yaml", cache, tmp_path / "two", **short))], **env)
+    launch, env = accelerate_two_cpu_processes(tmp_path)
+    two = run_cli([*launch, "train", str(write_recipe(tmp_path / "two.yaml", cache, tmp_path / "two", **short))], **env)
     out, err = two.communicate(timeout=300)
     assert two.returncode == 0, err[-3000:]
-    launch, env = launch_two_cpu_processes(tmp_path)
-    bad = run_cli([*launch, str(write_recipe(tmp_path / "bad.yaml", cache, tmp_path / "bad", data_lanes=3, batch_size=255,
+    launch, env = accelerate_two_cpu_processes(tmp_path)
+    bad = run_cli([*launch, "train", str(write_recipe(tmp_path / "bad.yaml", cache, tmp_path / "bad", data_lanes=3, batch_size=255,
                                              **short))], **env)
     _, bad_err = bad.communicate(timeout=300)
     assert bad.returncode != 0 and "train.data_lanes (3) must be a multiple of the number of processes (2)" in bad_err

@@ -9,7 +9,8 @@ Layout of a cache directory (every file readable with plain h5py; N = tokens of 
                                  {tokens, sequences, shards, bytes, layers {L: {kept, first_token, sink}}}
     shards/shard_000000.h5       forward batches [i * shard_batches, (i + 1) * shard_batches)
         attrs: format, version, complete, shard_index, first_batch, num_batches, num_tokens, layers,
-               d_model, store_dtype, chunk_rows, stats (JSON: tokens, sequences, per-layer counts)
+               d_model, store_dtype, chunk_rows, stats (JSON: tokens, sequences, per-layer counts),
+               process_index, num_processes (which process of how many wrote it)
         tokens/token_id    int32   [N]   every non-padding token of the shard's sequences, in order
         tokens/sequence    int64   [N]   global sequence (row) index
         tokens/position    int32   [N]   position in the row
@@ -177,7 +178,8 @@ class ShardWriter:
     chunks per layer, so memory stays bounded by one slab plus one forward batch.
     """
 
-    def __init__(self, root: Path, index: int, first_batch: int, layers: list[int], d_model: int, store_dtype: str):
+    def __init__(self, root: Path, index: int, first_batch: int, layers: list[int], d_model: int, store_dtype: str,
+                 process: tuple[int, int] = (0, 1)):
         self.final = root / shard_name(index)
         self.partial = self.final.with_name(self.final.name + ".partial")
         self.layers = layers
@@ -200,7 +202,7 @@ class ShardWriter:
             self.h5 = h5 = h5py.File(self.file, "w", rdcc_nbytes=0)
             h5.attrs.update(shard_index=index, first_batch=first_batch, layers=layers, d_model=d_model,
                             store_dtype=store_dtype, chunk_rows=rows, complete=False, format=FORMAT,
-                            version=FORMAT_VERSION)
+                            version=FORMAT_VERSION, process_index=process[0], num_processes=process[1])
             for name, dtype in TOKEN_FIELDS.items():
                 self._create(f"tokens/{name}", (0,), dtype, (meta,))
             for layer in layers:

@@ -43,6 +43,7 @@ from workbench.cache import (
     write_json_atomic,
 )
 from workbench.config import Recipe, fingerprint, to_dict
+from workbench.dist import process_state
 from workbench.errors import WorkbenchError
 from workbench.model import (
     capture_resid_post,
@@ -186,10 +187,8 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
     A model and tokenizer already loaded from recipe.model may be passed in (a notebook, a benchmark);
     by default they are loaded here. Returns the cache's summary (with this run's speed on the main process).
     """
-    from accelerate import PartialState
-
     c, d = recipe.collect, recipe.data
-    state = PartialState(cpu=c.device == "cpu")
+    state = process_state(cpu=c.device == "cpu")
     device = _device(c.device, state)
     out = Path(c.out)
     identity = cache_identity(recipe)
@@ -274,7 +273,8 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
 
     start = time.perf_counter()
     num_batches = _collect_shards(model, batches, set(mine), layers, d_model, store_dtype, recipe, tokenizer.bos_token_id,
-                                  device, todo_rows * d.context_length, state.is_main_process)
+                                  device, todo_rows * d.context_length, state.is_main_process,
+                                  (state.process_index, state.num_processes))
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
 
@@ -322,7 +322,7 @@ class _Writes:
 
 def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], layers: list[int], d_model: int,
                     store_dtype: str, recipe: Recipe, bos: int | None, device: torch.device, total_tokens: int,
-                    show_progress: bool) -> int:
+                    show_progress: bool, process: tuple[int, int] = (0, 1)) -> int:
     """The loop: forward the batches of the shards in `todo`, write them. Returns the number of batches
     in the data (every process iterates all of them, so all agree on it). Tokenization runs ahead in a
     background thread and the writes behind in another, both overlapping the forward."""
@@ -346,7 +346,8 @@ def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], la
                 if writer is None or writer.final != out / shard_name(shard):
                     if writer is not None:
                         writes.submit(writer.finish, stats)
-                    writer = ShardWriter(out, shard, batch.index, layers, d_model, store_dtype)
+                    writer = ShardWriter(out, shard, batch.index, layers, d_model, store_dtype,
+                                          process)
                     stats = {"tokens": 0, "sequences": 0,
                              "layers": {str(L): {"kept": 0, "first_token": 0, "sink": 0} for L in layers}}
                 tokens, per_layer = _process_batch(run, batch, device, layers, recipe, bos, store_dtype, stats)

@@ -131,12 +131,12 @@ RUNNERS: dict[str, Callable[[Recipe, str, list[str]], dict]] = {
 
 def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[str, ...] = STAGES) -> dict:
     """Run the pipeline's stages in order, skipping those this recipe already finished."""
-    from accelerate import PartialState
+    from workbench.dist import process_state
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise WorkbenchError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
-    state = PartialState()
+    state = process_state(cpu=recipe.collect.device == "cpu")
     done = read_state(recipe)
     for stage in STAGES:
         if stage not in stages:
