@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/workbench collect recipes/demo.yaml
+	$(BIN)/workbench run recipes/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -28,6 +28,9 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/collect_bench.py
+	$(BIN)/python bench/reader_bench.py
+	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/convert_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check workbench tests bench
