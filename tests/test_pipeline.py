@@ -87,7 +87,7 @@ def test_dry_run_prints_the_plan_without_running(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "saes").exists()
 
 
-@pytest.mark.parametrize("kill_after", ["collect", "eval"])
+@pytest.mark.parametrize("kill_after", ["collect", "threshold"])
 def test_kill_9_at_a_stage_then_rerun_finishes_without_redoing_finished_stages(tmp_path, kill_after):
     """Kill the pipeline as soon as `kill_after` is recorded done (so inside the next stage), run the same
     command again: it finishes, and the finished stages are skipped (their files untouched)."""
@@ -101,7 +101,7 @@ def test_kill_9_at_a_stage_then_rerun_finishes_without_redoing_finished_stages(t
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = stages_done(tmp_path)
-    assert done[-1] == kill_after and len(done) < len(STAGES)
+    assert kill_after in done and len(done) < len(STAGES)  # killed inside a later stage
     shards = mtimes(tmp_path / "cache", "*.h5")
 
     rerun = subprocess.run(run_args(tmp_path), cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
