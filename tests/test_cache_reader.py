@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import torch_threads
 
 from workbench.cache import ActivationCache, chunk_rows, prefetch
 from workbench.collect import collect
@@ -22,16 +23,14 @@ LAYERS = [1, 3]
 def caches(tmp_path_factory) -> dict:
     """The same 200 packed rows (12,800 tokens, 5 shards) collected with sink multiples 10, 1.5 and off."""
     root = tmp_path_factory.mktemp("caches")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = {}
     for name, multiple in (("m10", "10"), ("low", "1.5"), ("off", "null")):
         recipe = load_recipe(None, [f"collect.out={root / name}", "data.context_length=64", "data.num_tokens=12800",
                                     "collect.batch_size=8", "collect.shard_batches=5", f"collect.layers={LAYERS}",
                                     f"collect.sink_multiple={multiple}"])
-        collect(recipe)
+        with torch_threads(1):
+            collect(recipe)
         out[name] = root / name
-    torch.set_num_threads(old)
     return out
 
 

@@ -22,12 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["data.context_length=64", "data.num_tokens=512", "collect.batch_size=4", "collect.layers=[1]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _error_line(stderr: str, command: str = "collect") -> str:

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import torch
-from conftest import accelerate_two_cpu_processes
+from conftest import accelerate_two_cpu_processes, torch_threads
 
 from workbench.cache import ActivationCache
 from workbench.collect import collect
@@ -32,12 +31,8 @@ def _sorted_tokens(cache: ActivationCache, layer: int) -> dict[str, np.ndarray]:
 def test_two_processes_give_the_same_cache_contents_as_one(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         collect(load_recipe(recipe, [f"collect.out={tmp_path / 'one'}"]))
-    finally:
-        torch.set_num_threads(old)
 
     launch, env = accelerate_two_cpu_processes(tmp_path)
     cmd = [*launch, "collect", str(recipe), f"collect.out={tmp_path / 'two'}"]

@@ -15,7 +15,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 
 from workbench.cache import ActivationCache
 from workbench.collect import collect
@@ -28,12 +27,7 @@ OVERRIDES = ["data.context_length=64", "data.num_tokens=3072", "collect.batch_si
              "collect.layers=[1,3]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _collect(out: Path, *extra: str):

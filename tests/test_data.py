@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import torch_threads
 
 from workbench.cache import ActivationCache
 from workbench.cli import main
@@ -75,13 +75,9 @@ def test_jsonl_files_and_directories_are_read_in_a_fixed_order(tmp_path):
 def test_a_corpus_shorter_than_num_tokens_is_collected_with_a_warning_and_recorded(tmp_path, capsys):
     docs = tmp_path / "docs.txt"
     docs.write_text("\n".join((REPO / "workbench/assets/corpus.txt").read_text().splitlines()[:12]) + "\n")
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         summary = collect(load_recipe(None, [f"data.path={docs}", "data.context_length=64", "data.num_tokens=1000000",
                                              "collect.layers=[3]", f"collect.out={tmp_path / 'cache'}"]))
-    finally:
-        torch.set_num_threads(old)
     out = capsys.readouterr().out
     rows = summary.sequences
     assert 0 < rows < 15625 and summary.ran_out and summary.tokens == rows * 64
@@ -96,13 +92,9 @@ def test_a_corpus_shorter_than_num_tokens_is_collected_with_a_warning_and_record
 
 
 def test_the_summary_counts_add_up_to_the_tokens_read(tmp_path, capsys):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         summary = collect(load_recipe(REPO / "recipes/demo.yaml", ["data.num_tokens=4096", "collect.shard_batches=1",
                                                                    f"collect.out={tmp_path / 'cache'}"]))
-    finally:
-        torch.set_num_threads(old)
     out = capsys.readouterr().out
     assert summary.tokens == 4096 and summary.sequences == 32 and summary.shards == 2 and not summary.ran_out
     assert summary.tokens_this_run == 4096 and summary.seconds > 0

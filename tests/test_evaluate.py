@@ -26,14 +26,7 @@ FIT_ROWS = 64  # rows 0..63 stand in for the cache; evaluation reads the rows af
 EVAL = ["data.num_tokens=8192", "eval.num_tokens=3072"]  # 64 cache rows, 24 held-out rows of 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: with 2 intra-op threads on a busy 2-core machine the thread hand-offs cost
-    20x the arithmetic (measured: a 300-step fit 1.2 s on 1 thread, 23-53 s on 2 under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

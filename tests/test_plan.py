@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import transformers
+from conftest import torch_threads
 
 from workbench.cli import main
 from workbench.config import load_recipe
@@ -89,7 +90,6 @@ def test_qwen3_32b_and_gemma_figures(no_model_access):
 
 def test_plan_cache_size_matches_what_collection_writes(tmp_path):
     """The formula follows cache.py's layout: a real collection on the tiny model writes what it predicts."""
-    import torch
 
     from workbench.collect import collect
 
@@ -97,12 +97,8 @@ def test_plan_cache_size_matches_what_collection_writes(tmp_path):
     overrides = [f"collect.out={tmp_path / 'cache'}", "data.num_tokens=16384", "collect.shard_batches=2"]
     recipe = load_recipe(REPO / "recipes/demo.yaml", overrides)
     p = plan(recipe)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: threads only add hand-off cost on a busy machine
-    try:
+    with torch_threads(1):  # tiny tensors: threads only add hand-off cost on a busy machine
         collect(recipe)
-    finally:
-        torch.set_num_threads(threads)
     written = sum(f.stat().st_size for f in (tmp_path / "cache" / "shards").iterdir())
     assert p.shards == 4 and p.cache_bytes == 16384 * (20 + 2 * (64 * 4 + 6)) + 2 * 8 * 4
     # HDF5's headers and the 1024-entry batch_median chunks cost ~40 kB a shard: nothing at recipe scale

@@ -20,13 +20,7 @@ from workbench.sae import (
     matryoshka_group_sizes,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_state_dicts_follow_the_dictionary_learning_contract():

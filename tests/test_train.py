@@ -20,6 +20,8 @@ from workbench.collect import collect
 from workbench.config import load_recipe
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
+from workbench.formats import saelens
+from workbench.formats.convert import convert
 from workbench.train import read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,12 +35,7 @@ TRAINER_KEYS = ["trainer_class", "dict_class", "lr", "steps", "auxk_alpha", "war
 BUFFER_KEYS = ["d_submodule", "io", "n_ctxs", "ctx_len", "refresh_batch_size", "out_batch_size", "device"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +191,11 @@ def test_recipe_errors_are_one_clear_line(cache, trained, tmp_path):
     for i, (overrides, message) in enumerate(cases):
         with pytest.raises(WorkbenchError, match=message):
             train(load_recipe(write_recipe(tmp_path / f"r{i}.yaml", cache, tmp_path / f"o{i}", **overrides)))
-    saelens = tmp_path / "saelens_sae"
-    saelens.mkdir()
-    (saelens / "cfg.json").write_text("{}")
-    with pytest.raises(WorkbenchError, match="is a SAELens folder"):
-        train(load_recipe(write_recipe(tmp_path / "s.yaml", cache, tmp_path / "s", init_from=str(saelens))))
+    saelens_sae = tmp_path / "saelens_sae"
+    saelens_sae.mkdir()
+    (saelens_sae / saelens.CFG_FILE).write_text("{}")  # no weights file beside it
+    with pytest.raises(WorkbenchError, match="holds neither ae.pt"):
+        train(load_recipe(write_recipe(tmp_path / "s.yaml", cache, tmp_path / "s", init_from=str(saelens_sae))))
     with pytest.raises(WorkbenchError, match="must be a multiple of train.data_lanes"):
         load_recipe(write_recipe(tmp_path / "lanes.yaml", cache, tmp_path / "l", batch_size=100))
 
@@ -276,6 +273,27 @@ def test_a_dictionary_learning_folder_fine_tunes_keeping_its_weights_and_thresho
     assert abs(threshold_after - threshold_before) < 0.2 * threshold_before  # an EMA continued, not restarted
     extra = json.loads((fine_tuned / "config.json").read_text())["workbench"]
     assert extra["init_from"] == str(published) and extra["k_anneal_steps"] is None
+
+
+def test_a_saelens_folder_fine_tunes_from_exactly_the_weights_of_its_dictionary_learning_source(cache, published, tmp_path):
+    """init_from a SAELens folder: the published SAE converted, its cfg.json stripped of the training k (the
+    recipe's k stands in). Two steps from it end bit for bit where two steps from the published folder end."""
+    source = tmp_path / "saelens"
+    convert(published, "saelens", source)
+    cfg = json.loads((source / saelens.CFG_FILE).read_text())
+    del cfg["metadata"]["training_architecture_details"]["k"]
+    (source / saelens.CFG_FILE).write_text(json.dumps(cfg))
+    short = dict(saes=[SAES[0]], lr=1e-10, num_tokens=256 * 2, warmup_steps=0, threshold_start_step=0)
+    ends = {}
+    for name, init_from in (("dl", published), ("saelens", source)):
+        train(load_recipe(write_recipe(tmp_path / f"{name}.yaml", cache, tmp_path / name, init_from=str(init_from), **short)))
+        ends[name] = state(tmp_path / name / f"resid_post_layer_{LAYER}" / "btk")
+    before = state(published)
+    assert ends["saelens"].keys() == before.keys() and int(ends["saelens"]["k"]) == 8
+    for name in before:
+        assert torch.equal(ends["saelens"][name], ends["dl"][name]), name
+    for name in ("encoder.weight", "encoder.bias", "decoder.weight", "b_dec"):
+        torch.testing.assert_close(ends["saelens"][name], before[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_every_written_folder_loads_in_dictionary_learning_with_the_same_outputs(trained, fine_tuned, cache):

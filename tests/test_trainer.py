@@ -9,13 +9,7 @@ import torch
 from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE
 from workbench.trainer import Trainer, annealed_k, auto_lr, geometric_median, lr_factor
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_k_annealing_follows_the_formula_and_the_step_keeps_that_many_latents():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torch_threads
 
 from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, matryoshka_group_sizes
 from workbench.trainer import Trainer
@@ -54,18 +55,16 @@ def new_sae(arch: str):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """Both architectures through the workbench (here) and through dictionary_learning (one subprocess)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
     data = batches()
     specs, ours = [], {}
-    for arch in ("batchtopk", "matryoshka"):
-        sae = new_sae(arch)
-        specs.append(dict(arch=arch, steps=STEPS, activation_dim=D, dict_size=F, k=K, group_fractions=FRACTIONS,
-                          state={k: v.clone() for k, v in sae.state_dict().items()}, batches=data, **SCHEDULE))
-        trainer = Trainer(sae, STEPS, **SCHEDULE)
-        ours[arch] = (trainer, [trainer.update(x_BD, log=True) for x_BD in data])
-    reference = run_reference("train", specs, tmp_path_factory.mktemp("parity"))
-    torch.set_num_threads(old)
+    with torch_threads(1):
+        for arch in ("batchtopk", "matryoshka"):
+            sae = new_sae(arch)
+            specs.append(dict(arch=arch, steps=STEPS, activation_dim=D, dict_size=F, k=K, group_fractions=FRACTIONS,
+                              state={k: v.clone() for k, v in sae.state_dict().items()}, batches=data, **SCHEDULE))
+            trainer = Trainer(sae, STEPS, **SCHEDULE)
+            ours[arch] = (trainer, [trainer.update(x_BD, log=True) for x_BD in data])
+        reference = run_reference("train", specs, tmp_path_factory.mktemp("parity"))
     return {arch: (*ours[arch], ref) for arch, ref in zip(("batchtopk", "matryoshka"), reference, strict=True)}
 
 

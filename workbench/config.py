@@ -96,6 +96,19 @@ class TrainConfig:
     out: str = "checkpoints/saes"
 
 
+def train_steps(t: TrainConfig) -> int:
+    """Optimiser steps per SAE: num_tokens // batch_size (the tokens of a last partial batch are not read)."""
+    return t.num_tokens // t.batch_size
+
+
+def schedule_step(value: float | None, steps: int) -> int | None:
+    """A schedule point of the train section (decay_start, k_anneal_steps) as a step: a fraction of
+    `steps` when <= 1, else a step index; int() rounds down. None stays None."""
+    if value is None:
+        return None
+    return int(value * steps) if value <= 1 else int(value)
+
+
 @dataclass
 class ThresholdConfig:
     method: str = "l0"  # ema | batch-min | l0: how the JumpReLU threshold is derived after training
@@ -304,5 +317,7 @@ __all__ = [
     "TrainConfig",
     "fingerprint",
     "load_recipe",
+    "schedule_step",
     "to_dict",
+    "train_steps",
 ]

@@ -40,8 +40,10 @@ from workbench.config import Recipe, load_recipe
 from workbench.data import LOCAL_SUFFIXES, Batch, iter_batches, iter_rows, num_rows
 from workbench.embedded import PREFIX
 from workbench.errors import WorkbenchError
-from workbench.formats.dictionary_learning import AE_FILE, CONFIG_FILE, EVAL_FILE, EXTRA_SECTION, load_folder
-from workbench.model import decoder_layers, load_model, load_tokenizer
+from workbench.formats.convert import find_sae_folders
+from workbench.formats.dictionary_learning import EVAL_FILE, EXTRA_SECTION, load_folder
+from workbench.inference import recorded_filter
+from workbench.model import decoder_layers, hidden_states, load_model, load_tokenizer
 from workbench.sae import SAE
 from workbench.sink import first_token_mask, sink_filter
 
@@ -74,10 +76,6 @@ def heldout_rows(recipe: Recipe, tokenizer) -> Iterator[list[int]]:
                              "lower data.num_tokens for evaluation, or set eval.split to a held-out split")
 
 
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
 @contextmanager
 def splice_at(model: nn.Module, layer: int):
     """Hook the output of decoder layer `layer`; yields run(ids_BL, mask_BL, replace_BLD=None) -> (logits_BLV,
@@ -86,7 +84,7 @@ def splice_at(model: nn.Module, layer: int):
     state: dict = {}
 
     def hook(_module, _inputs, output):
-        state["resid"] = _hidden(output)
+        state["resid"] = hidden_states(output)
         new = state.get("replace")
         if new is None:
             return None
@@ -202,28 +200,6 @@ def evaluate_with_model(
     return out
 
 
-def filter_settings(config: dict, recipe: Recipe) -> dict:
-    """The sink-filter settings an SAE was trained with: its config.json `workbench` section
-    (sink_multiple, drop_first_token, sink_median), else the recipe's collect section."""
-    extra = config.get(EXTRA_SECTION) or {}
-    c = recipe.collect
-    source = "sae config" if "sink_multiple" in extra else "recipe"
-    return {"sink_multiple": extra.get("sink_multiple", c.sink_multiple),
-            "drop_first_token": extra.get("drop_first_token", c.drop_first_token),
-            "sink_median": extra.get("sink_median", c.sink_median), "filter_source": source}
-
-
-def sae_folders(path: str | Path) -> list[Path]:
-    """An SAE folder itself, or every SAE folder (ae.pt + config.json) under a run directory, sorted."""
-    path = Path(path)
-    if (path / AE_FILE).is_file():
-        return [path]
-    folders = sorted(p.parent for p in path.rglob(AE_FILE) if (p.parent / CONFIG_FILE).is_file()) if path.is_dir() else []
-    if not folders:
-        raise WorkbenchError(f"no SAE folder (ae.pt + config.json) at or under {path}; give an SAE folder or train.out")
-    return folders
-
-
 def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
                      write: bool = True) -> dict[str, dict]:
     """`workbench eval`: evaluate one dictionary_learning SAE folder, or every one under a run directory,
@@ -234,7 +210,7 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
     lm_name). The model is loaded and the held-out text tokenised once for all the SAEs. With write, each
     SAE's results are merged into its eval_results.json (the trainer's keys kept).
     """
-    loaded = [(folder, *load_folder(folder)) for folder in sae_folders(path)]
+    loaded = [(folder, *load_folder(folder)) for folder in find_sae_folders(path, formats=("dictionary_learning",))]
     for folder, _, config in loaded:
         if "layer" not in config["trainer"]:
             raise WorkbenchError(f"{folder}/config.json has no trainer.layer; cannot tell where to splice the SAE")
@@ -253,7 +229,7 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
     batches = list(iter_batches(heldout_rows(recipe, tokenizer), recipe.eval.batch_size, tokenizer.pad_token_id))
     out = {}
     for folder, sae, config in loaded:
-        settings = filter_settings(config, recipe)
+        settings = recorded_filter(config.get(EXTRA_SECTION) or {}, recipe.collect)
         results = evaluate_with_model(model, tokenizer, sae, int(config["trainer"]["layer"]), batches,
                                       sink_multiple=settings["sink_multiple"], drop_first_token=settings["drop_first_token"],
                                       splice_all=recipe.eval.splice_all, sink_median=settings["sink_median"])

@@ -24,6 +24,8 @@ from pathlib import Path
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
+from workbench.formats.convert import find_sae_folders
+from workbench.formats.weights import hook_name
 from workbench.model_card import render_model_card
 
 TARGETS = ("dictionary_learning", "saelens")
@@ -50,12 +52,7 @@ class ExportedSAE:
 
 def find_run_saes(run_dir: str | Path) -> list[Path]:
     """The dictionary_learning SAE folders of a run (ae.pt + config.json), by layer then name."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise WorkbenchError(f"{run_dir} is not a directory; give a training run's output folder (train.out)")
-    folders = [p.parent for p in run_dir.rglob(dl.AE_FILE) if (p.parent / dl.CONFIG_FILE).is_file()]
-    if not folders:
-        raise WorkbenchError(f"no SAE folders (ae.pt + config.json) under {run_dir}; train first or give train.out")
+    folders = find_sae_folders(run_dir, formats=("dictionary_learning",))
 
     def key(folder: Path) -> tuple:
         layer = dl.read_config(folder)["trainer"].get("layer")
@@ -79,25 +76,21 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
         raise WorkbenchError(f"{len(uncalibrated)} SAE(s) have no JumpReLU threshold (-1, they would run as dense ReLU "
                              f"SAEs): {', '.join(uncalibrated)}; run `workbench threshold FOLDER` on each, or pass "
                              "--allow-uncalibrated")
-    series = series_name or _series_name(sources)
+    series = series_name or default_series_name(sources[0]["model"],
+                                                all(s["dict_class"] == "MatryoshkaBatchTopKSAE" for s in sources))
     per_layer: dict[int | None, int] = {}
     for s in sources:
         per_layer[s["layer"]] = per_layer.get(s["layer"], 0) + 1
     exported = []
     for folder, s in zip(folders, sources, strict=True):
-        layer_dir = f"resid_post_layer_{s['layer']}"
+        sae_id = export_id(to, series, s["layer"], folder.name, several_in_layer=per_layer[s["layer"]] > 1)
+        dest = out / sae_id
         if to == "dictionary_learning":
-            sae_id = f"{layer_dir}/{folder.name}"
-            dest = out / series / sae_id
             dest.mkdir(parents=True, exist_ok=True)
             for name in (dl.AE_FILE, dl.CONFIG_FILE, dl.EVAL_FILE):
                 if (folder / name).is_file():
                     shutil.copyfile(folder / name, dest / name)
-            sae_id = f"{series}/{sae_id}"
         else:
-            hook = f"blocks.{s['layer']}.hook_resid_post"
-            sae_id = hook if per_layer[s["layer"]] == 1 else f"{hook}/{folder.name}"
-            dest = out / sae_id
             weights = dl.read_weights(folder)
             if weights.info.prepend_bos is None:
                 weights.info.prepend_bos = _prepend_bos(weights.info.workbench.get("cache"))
@@ -129,10 +122,22 @@ def _describe(folder: Path) -> dict:
             "l0": evals.get("l0"), "fve": evals.get("frac_variance_explained")}
 
 
-def _series_name(sources: list[dict]) -> str:
-    """saes_<model with / as _>_<batch_top_k | matryoshka_batch_top_k>, as the published series are named."""
-    model = re.sub(r"[^\w.-]", "_", sources[0].get("model") or "model")
-    return f"saes_{model}_{'matryoshka_batch_top_k' if all(s['dict_class'] == 'MatryoshkaBatchTopKSAE' for s in sources) else 'batch_top_k'}"
+def default_series_name(model_name: str | None, all_matryoshka: bool) -> str:
+    """The dictionary_learning series folder, as the published series are named: saes_<model, characters
+    other than word characters, . and - as _>_<matryoshka_batch_top_k when every SAE is Matryoshka, else
+    batch_top_k>."""
+    model = re.sub(r"[^\w.-]", "_", model_name or "model")
+    return f"saes_{model}_{'matryoshka_batch_top_k' if all_matryoshka else 'batch_top_k'}"
+
+
+def export_id(to: str, series: str, layer: int | None, name: str, several_in_layer: bool) -> str:
+    """An SAE's path inside an export folder: dictionary_learning <series>/resid_post_layer_<L>/<name> (the
+    published series' layout); SAELens the SAE id blocks.<L>.hook_resid_post, with /<name> appended when
+    its layer has several SAEs."""
+    if to == "dictionary_learning":
+        return f"{series}/{dl.resid_post_name(layer)}/{name}"
+    hook = hook_name(layer)
+    return f"{hook}/{name}" if several_in_layer else hook
 
 
 def _prepend_bos(cache: str | None) -> bool | None:

@@ -43,9 +43,14 @@ def load_config(cfg: ModelConfig):
                              "(give a hub id or a local directory saved with save_pretrained)") from None
 
 
+def text_config(config):
+    """The language model's part of a (possibly multimodal) model config: its text_config, else itself."""
+    return getattr(config, "text_config", config)
+
+
 def num_layers_of(config) -> int:
     """num_hidden_layers of a (possibly multimodal) model config."""
-    return int(getattr(config, "text_config", config).num_hidden_layers)
+    return int(text_config(config).num_hidden_layers)
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -87,8 +92,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder layers: the ModuleList with num_hidden_layers entries."""
-    text_cfg = getattr(model.config, "text_config", model.config)
-    n = getattr(text_cfg, "num_hidden_layers", None)
+    n = getattr(text_config(model.config), "num_hidden_layers", None)
     for candidate in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
         module: Any = model
         for part in candidate.split("."):
@@ -103,15 +107,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise WorkbenchError(f"cannot find the decoder layers of {type(model).__name__}; it is not a decoder stack this workbench knows")
 
 
-def d_model_of(model: nn.Module) -> int:
-    text_cfg = getattr(model.config, "text_config", model.config)
-    return int(text_cfg.hidden_size)
+def d_model_of(model_or_config: Any) -> int:
+    """hidden_size of a model's (or a model config's) language model."""
+    return int(text_config(getattr(model_or_config, "config", model_or_config)).hidden_size)
 
 
 def max_context_of(model_or_config: Any) -> int | None:
-    cfg = getattr(model_or_config, "config", model_or_config)
-    text_cfg = getattr(cfg, "text_config", cfg)
-    return getattr(text_cfg, "max_position_embeddings", None)
+    return getattr(text_config(getattr(model_or_config, "config", model_or_config)), "max_position_embeddings", None)
 
 
 def resolve_layers(spec: list, num_layers: int) -> list[int]:
@@ -137,7 +139,9 @@ class _StopForward(Exception):
     """Raised by the deepest hook: nothing after it is needed."""
 
 
-def _hidden(output: Any) -> torch.Tensor:
+def hidden_states(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states [B, L, D] from its forward output (a tuple in most transformers
+    versions, the tensor itself in some)."""
     return output[0] if isinstance(output, tuple) else output
 
 
@@ -154,7 +158,7 @@ def capture_resid_post(model: nn.Module, layers: list[int]):
 
     def make_hook(layer: int):
         def hook(_module, _inputs, output):
-            captured[layer] = _hidden(output)
+            captured[layer] = hidden_states(output)
             if layer == deepest:
                 raise _StopForward
 

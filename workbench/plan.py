@@ -17,15 +17,17 @@ Every non-padding token read is stored (dropped tokens too, with their drop reas
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from workbench.config import Recipe
+from workbench.config import Recipe, schedule_step, train_steps
 from workbench.data import num_rows
 from workbench.errors import WorkbenchError
-from workbench.model import load_config, resolve_layers
+from workbench.export import default_series_name, export_id
+from workbench.model import d_model_of, load_config, num_layers_of, resolve_layers, text_config
 from workbench.sae import matryoshka_group_sizes
+from workbench.train import layer_dir
+from workbench.trainer import auto_lr
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TOKEN_META_BYTES = 4 + 8 + 4 + 4  # token_id int32, sequence int64, position int32, batch int32
@@ -114,14 +116,10 @@ def model_shape(recipe: Recipe) -> tuple[int, int, str]:
     m = recipe.model
     if m.num_layers is not None and m.d_model is not None:
         return m.num_layers, m.d_model, "recipe"
-    text = _text_config(_read_config(recipe))
-    num_layers = m.num_layers if m.num_layers is not None else int(text.num_hidden_layers)
-    d_model = m.d_model if m.d_model is not None else int(text.hidden_size)
+    config = _read_config(recipe)
+    num_layers = m.num_layers if m.num_layers is not None else num_layers_of(config)
+    d_model = m.d_model if m.d_model is not None else d_model_of(config)
     return num_layers, d_model, "model config"
-
-
-def _text_config(config):
-    return getattr(config, "text_config", config)
 
 
 def store_dtype(recipe: Recipe) -> str:
@@ -132,7 +130,7 @@ def store_dtype(recipe: Recipe) -> str:
     if recipe.model.dtype != "auto":
         return recipe.model.dtype
     config = _read_config(recipe)
-    dtype = getattr(_text_config(config), "dtype", None) or getattr(config, "dtype", None)
+    dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None)
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPE_BYTES:
         raise WorkbenchError(f"the config of model.name '{recipe.model.name}' does not name a float dtype (got {dtype}); "
@@ -140,36 +138,21 @@ def store_dtype(recipe: Recipe) -> str:
     return name
 
 
-def _schedule_step(value: float | None, steps: int) -> int | None:
-    """A recipe schedule point: a fraction of steps when <= 1, else a step index (int() rounds down)."""
-    if value is None:
-        return None
-    return int(value * steps) if value <= 1 else int(value)
-
-
-def default_series_name(recipe: Recipe) -> str:
-    """The series folder when export.series_name is unset, by export's rule: saes_<model, non-word characters
-    as _>_<matryoshka_batch_top_k when every SAE is Matryoshka, else batch_top_k>."""
-    model = re.sub(r"[^\w.-]", "_", recipe.model.name)
-    arch = "matryoshka_batch_top_k" if all(s.arch == "matryoshka" for s in recipe.train.saes) else "batch_top_k"
-    return f"saes_{model}_{arch}"
+def series_name(recipe: Recipe) -> str:
+    """export.series_name, else the name export gives the series (export.default_series_name)."""
+    all_matryoshka = all(s.arch == "matryoshka" for s in recipe.train.saes)
+    return recipe.export.series_name or default_series_name(recipe.model.name, all_matryoshka)
 
 
 def train_dir(recipe: Recipe, layer: int, name: str) -> Path:
     """Where the trainer writes an SAE: <train.out>/resid_post_layer_<L>/<name>."""
-    return Path(recipe.train.out) / f"resid_post_layer_{layer}" / name
+    return layer_dir(recipe.train.out, layer) / name
 
 
 def export_dir(recipe: Recipe, fmt: str, layer: int, name: str) -> Path:
-    """Where an SAE is exported, export.export_run's layout under <export.out>/<format>:
-    dictionary_learning <series>/resid_post_layer_<L>/<name> (the published series' layout); SAELens the
-    SAE id blocks.<L>.hook_resid_post, with /<name> appended when a layer has several SAEs."""
-    root = Path(recipe.export.out) / fmt
-    if fmt == "dictionary_learning":
-        series = recipe.export.series_name or default_series_name(recipe)
-        return root / series / f"resid_post_layer_{layer}" / name
-    hook = root / f"blocks.{layer}.hook_resid_post"
-    return hook if len(recipe.train.saes) == 1 else hook / name
+    """Where export.export_run writes an SAE: <export.out>/<format>/<its export_id>."""
+    several = len(recipe.train.saes) > 1
+    return Path(recipe.export.out) / fmt / export_id(fmt, series_name(recipe), layer, name, several_in_layer=several)
 
 
 def _weights_bytes(d_model: int, width: int, arch: str, n_groups: int) -> int:
@@ -195,7 +178,7 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
     shard_tokens = c.shard_batches * c.batch_size * d.context_length
     shard_bytes = shard_tokens * (TOKEN_META_BYTES + len(layers) * (act_bytes + LAYER_META_BYTES))
 
-    steps = t.num_tokens // t.batch_size
+    steps = train_steps(t)
     train_layers = resolve_layers(list(t.layers), num_layers) if t.layers else layers
     saes = []
     for layer in train_layers:
@@ -203,7 +186,7 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
             sizes = matryoshka_group_sizes(s.width, list(s.group_fractions)) if s.arch == "matryoshka" else None
             saes.append(SAEPlan(
                 layer=layer, name=s.name, arch=s.arch, width=s.width, k=s.k, group_sizes=sizes,
-                lr=t.lr if t.lr is not None else 2e-4 / math.sqrt(s.width / 2**14),
+                lr=t.lr if t.lr is not None else auto_lr(s.width),
                 weights_bytes=_weights_bytes(d_model, s.width, s.arch, len(sizes or [])),
                 train_dir=str(train_dir(recipe, layer, s.name)),
                 export_dirs={f: str(export_dir(recipe, f, layer, s.name)) for f in recipe.export.formats},
@@ -219,11 +202,11 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
         tokens=tokens, first_tokens=first_tokens, forward_batches=batches, shards=shards,
         bytes_per_token_per_layer=act_bytes, cache_bytes_per_layer=per_layer, cache_bytes=cache_bytes,
         shard_bytes=shard_bytes, cache_dir=c.out, train_tokens=t.num_tokens, train_batch_size=t.batch_size,
-        steps=steps, warmup_steps=t.warmup_steps, decay_start_step=_schedule_step(t.decay_start, steps),
-        k_anneal_steps=_schedule_step(t.k_anneal_steps, steps) or 0,
+        steps=steps, warmup_steps=t.warmup_steps, decay_start_step=schedule_step(t.decay_start, steps),
+        k_anneal_steps=schedule_step(t.k_anneal_steps, steps) or 0,
         holdout_tokens=t.eval_tokens + recipe.threshold.num_tokens, saes=saes, train_dir=t.out,
         export_formats=list(recipe.export.formats),
-        series_name=recipe.export.series_name or default_series_name(recipe),
+        series_name=series_name(recipe),
         eval_tokens=ev.num_tokens, eval_source=eval_source,
         target_explained_variance=dict(sorted(ev.target_explained_variance.items())),
     )

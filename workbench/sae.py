@@ -82,7 +82,7 @@ class _SAEBase(nn.Module):
         inference; False is batch top-k over the whole batch, as in training."""
         pre_BF = self.pre_acts(x_BD)
         if use_threshold:
-            f_BF = pre_BF * (pre_BF > self.threshold)
+            f_BF = jumprelu(pre_BF, self.threshold)
         else:
             f_BF = batch_topk(pre_BF, int(self.k))
         return self._mask_inactive(f_BF)
@@ -335,6 +335,11 @@ def _candidate_cut(flat: torch.Tensor, frac: float, cat: Callable[[torch.Tensor]
     m = min(sample.numel(), int(1.5 * expected + 4 * math.sqrt(expected)) + 8)
     cut = sample.topk(m).values[-1].item()
     return cut if cut > 0 else None
+
+
+def jumprelu(pre_BF: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """The inference rule: each token's pre-activations above the threshold (strict >), the rest zero ([B, F])."""
+    return pre_BF * (pre_BF > threshold)
 
 
 def batch_topk(pre_BF: torch.Tensor, k: int) -> torch.Tensor:

@@ -27,14 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from workbench.cache import ActivationCache
 from workbench.config import ThresholdConfig
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
 from workbench.metrics import evaluate, frac_variance_explained
-from workbench.sae import SAE, batch_topk
+from workbench.sae import SAE, batch_topk, jumprelu
 
 METHODS = ("ema", "batch-min", "l0")
 DEFAULT_BATCH_SIZE = 2048  # when the SAE's config records no training batch size
@@ -134,17 +133,12 @@ def evaluate_thresholds(sae: SAE, batches: Batches, thresholds: dict[str, float 
         n_batches += 1
         _accumulate(btk, x_BD, batch_topk(pre_BF, k), W_dec_FD, b_dec_D)
         for method in sums:
-            f_BF = jumprelu(pre_BF, thresholds[method])
+            f_BF = jumprelu(pre_BF, thresholds[method])  # the SAE's encode rule, on pre-activations computed once
             _accumulate(sums[method], x_BD, f_BF, W_dec_FD, b_dec_D)
             if method == chosen:
                 fired_F += (f_BF > 0).sum(0)
     per_method = {m: (s[0] / n_batches, s[1] / n_batches) for m, s in sums.items()}
     return per_method, (btk[0] / n_batches, btk[1] / n_batches), fired_F.cpu()
-
-
-def jumprelu(pre_BF: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The inference rule of the SAE's encode (strict >), on pre-activations computed once."""
-    return pre_BF * (pre_BF > threshold)
 
 
 def decode(f_BF: torch.Tensor, W_dec_FD: torch.Tensor, b_dec_D: torch.Tensor) -> torch.Tensor:
@@ -229,7 +223,7 @@ def _write(folder: Path, sae: SAE, config: dict, extra: dict, report: ThresholdR
     eval_results.update(evals)
     dl.save_folder(sae, folder, config, eval_results)
     sparsity_F = torch.log10(freq_F.float() + 1e-10)
-    dl.write_atomic(folder / dl.SPARSITY_FILE, lambda p: save_file({"sparsity": sparsity_F.contiguous()}, str(p)))
+    dl.write_sparsity(folder, sparsity_F)
 
 
 def render(report: ThresholdReport) -> str:

@@ -36,9 +36,11 @@ import numpy as np
 import torch
 
 from workbench.cache import ActivationCache, prefetch
-from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, to_dict
+from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, schedule_step, to_dict, train_steps
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl_format
+from workbench.formats import saelens
+from workbench.formats.convert import load_trainable
 from workbench.metrics import evaluate
 from workbench.sae import SAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, matryoshka_group_sizes
 from workbench.trainer import Comm, Trainer
@@ -51,7 +53,8 @@ ARCH_CLASS = {"batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE}
 
 
 def layer_dir(out: str | Path, layer: int) -> Path:
-    return Path(out) / f"resid_post_layer_{layer}"
+    """<out>/resid_post_layer_<L>: a layer's folder in a run (the published series' layout)."""
+    return Path(out) / dl_format.resid_post_name(layer)
 
 
 @dataclass
@@ -89,28 +92,21 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
     """Steps and schedule points, and the held-out share of the cache: train.eval_tokens tokens (at most
     half of the layer) for eval_results.json, which the threshold stage reads too."""
     t = recipe.train
-    steps = t.num_tokens // t.batch_size
+    steps = train_steps(t)
     if steps <= t.warmup_steps:
         raise WorkbenchError(f"train.num_tokens {t.num_tokens} is {steps} steps of {t.batch_size} tokens, not more than "
                              f"train.warmup_steps ({t.warmup_steps}); raise num_tokens or lower warmup_steps")
-    decay_start = _as_steps(t.decay_start, steps)
+    decay_start = schedule_step(t.decay_start, steps)
     if decay_start is not None and not t.warmup_steps < decay_start < steps:
         raise WorkbenchError(f"train.decay_start resolves to step {decay_start}: it must lie after warmup_steps "
                              f"({t.warmup_steps}) and before the last step ({steps}); change it or set it to null")
-    k_anneal = _as_steps(t.k_anneal_steps, steps) or None
+    k_anneal = schedule_step(t.k_anneal_steps, steps) or None
     if k_anneal is not None and k_anneal >= steps:
         raise WorkbenchError(f"train.k_anneal_steps resolves to {k_anneal} steps, not fewer than the {steps} steps of the run")
     holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
     identity = {"train": {k: v for k, v in to_dict(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
                 "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
     return Plan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
-
-
-def _as_steps(value: float | None, steps: int) -> int | None:
-    """A fraction of the run (<= 1) or a step count (> 1)."""
-    if value is None:
-        return None
-    return int(value * steps) if value <= 1 else int(value)
 
 
 def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list[Path]:
@@ -201,17 +197,16 @@ def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
 
 
 def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
-    """The SAE to fine-tune: `init_from` is one SAE folder, or a series with resid_post_layer_<L>/<name>/."""
+    """The SAE to fine-tune: `init_from` is one SAE folder in either format, or a dictionary_learning series
+    with resid_post_layer_<L>/<name>/. A SAELens folder is converted exactly (load_trainable), the recipe's
+    k standing in for a training k it does not record."""
     root = Path(init_from)
-    folder = next((f for f in (root, layer_dir(root, layer) / cfg.name) if (f / dl_format.AE_FILE).is_file()), None)
+    marks = (dl_format.AE_FILE, saelens.CFG_FILE, saelens.WEIGHTS_FILE)
+    folder = next((f for f in (root, layer_dir(root, layer) / cfg.name) if any((f / m).is_file() for m in marks)), None)
     if folder is None:
-        if (root / "cfg.json").is_file() or (root / "sae_weights.safetensors").is_file():
-            raise WorkbenchError(f"train.init_from {root} is a SAELens folder; fine-tuning reads dictionary_learning "
-                                 f"folders: convert it first (workbench convert {root} --to dictionary_learning --out DIR "
-                                 f"--k {cfg.k}) and give DIR")
-        raise WorkbenchError(f"train.init_from {root} has no ae.pt (nor resid_post_layer_{layer}/{cfg.name}/ae.pt); "
-                             "give a dictionary_learning SAE folder")
-    sae, _ = dl_format.load_folder(folder)
+        raise WorkbenchError(f"train.init_from {root} has no ae.pt (nor resid_post_layer_{layer}/{cfg.name}/ae.pt) and "
+                             f"no {saelens.CFG_FILE}; give an SAE folder in either format, or a dictionary_learning series")
+    sae = load_trainable(folder, k=cfg.k)
     problems = []
     if not isinstance(sae, ARCH_CLASS[cfg.arch]):
         problems.append(f"it is a {type(sae).__name__}, the recipe says arch {cfg.arch}")

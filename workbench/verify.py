@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
-from workbench.formats.convert import detect_format, load_sae, read_weights
+from workbench.formats.convert import detect_format, find_sae_folders, load_sae, read_weights
 
 LIBRARY_OF = {"dictionary_learning": "dictionary_learning", "saelens": "sae_lens"}
 OUTPUTS = ("encode", "decode", "forward")
@@ -54,22 +54,11 @@ class Check:
         return self.error is None and not self.failures()
 
 
-def find_sae_folders(root: str | Path) -> list[Path]:
-    """Every folder under root (root included) holding an SAE in either format, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise WorkbenchError(f"{root} is not a directory; give a folder of exported or trained SAEs")
-    marks = (dl.AE_FILE, saelens.WEIGHTS_FILE)
-    folders = sorted({p.parent for mark in marks for p in root.rglob(mark)})
-    if not folders:
-        raise WorkbenchError(f"no SAE folders under {root} (looked for {' or '.join(marks)})")
-    return folders
-
-
 def verify(root: str | Path, cache: str | Path | None = None, num_random: int = 256, num_cache: int = 256,
            tolerance: float = 1e-5, seed: int = 0) -> list[Check]:
     """Compare every SAE under root with its reference library; see the module docstring."""
-    checks = [Check(folder=folder, fmt="?", tolerance=tolerance) for folder in find_sae_folders(root)]
+    # complete=False: a folder with weights but a missing config is reported as a failed check, not skipped
+    checks = [Check(folder=folder, fmt="?", tolerance=tolerance) for folder in find_sae_folders(root, complete=False)]
     ours: dict[int, dict[str, torch.Tensor]] = {}
     inputs: dict[int, dict[str, torch.Tensor]] = {}
     for i, check in enumerate(checks):

@@ -23,9 +23,11 @@ from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
 from workbench.formats.weights import InferenceSAE, SAEWeights
+from workbench.sae import SAE
 
 FORMATS = ("dictionary_learning", "saelens")
 OWN_FILES = {"dictionary_learning": (dl.AE_FILE, dl.CONFIG_FILE), "saelens": (saelens.CFG_FILE, saelens.WEIGHTS_FILE)}
+WEIGHTS_FILE = {"dictionary_learning": dl.AE_FILE, "saelens": saelens.WEIGHTS_FILE}
 
 
 def detect_format(folder: str | Path) -> str:
@@ -33,13 +35,28 @@ def detect_format(folder: str | Path) -> str:
     folder = Path(folder)
     if not folder.is_dir():
         raise WorkbenchError(f"{folder} is not a directory; give an SAE folder")
-    found = [fmt for fmt, files in (("dictionary_learning", (dl.AE_FILE, dl.CONFIG_FILE)),
-                                    ("saelens", (saelens.CFG_FILE, saelens.WEIGHTS_FILE)))
-             if all((folder / f).is_file() for f in files)]
+    found = [fmt for fmt, files in OWN_FILES.items() if all((folder / f).is_file() for f in files)]
     if len(found) != 1:
         what = "both formats' files" if found else "neither ae.pt + config.json nor cfg.json + sae_weights.safetensors"
         raise WorkbenchError(f"{folder} holds {what}; give one SAE folder in one format")
     return found[0]
+
+
+def find_sae_folders(root: str | Path, formats: tuple[str, ...] = FORMATS, complete: bool = True) -> list[Path]:
+    """Every SAE folder at or under root (root itself included) in one of `formats`, sorted by path.
+
+    A folder counts when it holds its format's files (OWN_FILES); with complete=False, when it holds the
+    weights file alone (ae.pt, sae_weights.safetensors), so that a checker can report what the folder lacks."""
+    root = Path(root)
+    if not root.is_dir():
+        raise WorkbenchError(f"{root} is not a directory; give an SAE folder or a folder of them (train.out, an export)")
+    folders = {p.parent for fmt in formats for p in root.rglob(WEIGHTS_FILE[fmt])
+               if not complete or all((p.parent / f).is_file() for f in OWN_FILES[fmt])}
+    if not folders:
+        looked_for = " or ".join(" + ".join(OWN_FILES[fmt]) if complete else WEIGHTS_FILE[fmt] for fmt in formats)
+        raise WorkbenchError(f"no SAE folder ({looked_for}) at or under {root}; give an SAE folder or a folder of them "
+                             "(train.out, an export)")
+    return sorted(folders)
 
 
 def read_weights(folder: str | Path, k: int | None = None) -> SAEWeights:
@@ -69,6 +86,17 @@ def convert(src: str | Path, to: str, out: str | Path, k: int | None = None) -> 
         raise WorkbenchError(f"--out {out} already holds {', '.join(stale)} (an SAE in another format); choose an empty folder")
     weights = read_weights(src, k=k)
     return dl.write_weights(weights, out) if to == "dictionary_learning" else saelens.write_weights(weights, out)
+
+
+def load_trainable(folder: str | Path, k: int | None = None) -> SAE:
+    """The trainable BatchTopKSAE / MatryoshkaBatchTopKSAE in an SAE folder of either format. A SAELens
+    folder is converted exactly, in memory, as `convert` would write it (`k` supplies, or must equal, the
+    training k of a jumprelu SAE with a constant threshold); a dictionary_learning one loads as it is."""
+    folder = Path(folder)
+    if detect_format(folder) == "dictionary_learning":
+        return dl.load_folder(folder)[0]
+    dict_class, state = dl.state_dict_for(read_weights(folder, k=k))
+    return dl.sae_from_state(dict_class, state, folder)
 
 
 def load_sae(folder: str | Path) -> nn.Module:

@@ -36,6 +36,7 @@ from workbench.formats.weights import (
     SAEInfo,
     SAEWeights,
     Scaled,
+    hook_name,
     materialize,
     materialize_T,
     row_norms,
@@ -50,6 +51,12 @@ SPARSITY_FILE = "sparsity.safetensors"  # per-latent log10 firing frequency, SAE
 EXTRA_SECTION = "workbench"
 
 TRAINER_CLASS = {"BatchTopKSAE": "BatchTopKTrainer", "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer"}
+
+
+def resid_post_name(layer: int) -> str:
+    """dictionary_learning's name for decoder layer `layer`'s output, resid_post_layer_<L>: the
+    trainer's submodule_name and the layer's folder in a series."""
+    return f"resid_post_layer_{layer}"
 
 
 def trainer_section(sae: SAE, *, lr: float, steps: int, auxk_alpha: float, warmup_steps: int,
@@ -70,7 +77,7 @@ def trainer_section(sae: SAE, *, lr: float, steps: int, auxk_alpha: float, warmu
         out["group_weights"] = group_weights
         out["group_sizes"] = sae.group_sizes.tolist()
     out.update({"k": int(sae.k), "device": device, "layer": layer, "lm_name": lm_name,
-                "wandb_name": f"{dict_class}", "submodule_name": submodule_name or f"resid_post_layer_{layer}"})
+                "wandb_name": f"{dict_class}", "submodule_name": submodule_name or resid_post_name(layer)})
     return out
 
 
@@ -151,8 +158,12 @@ def load_folder(folder: str | Path) -> tuple[SAE, dict]:
     folder = Path(folder)
     config = read_config(folder)
     state = load_state_dict(folder / AE_FILE)
-    dict_class = config["trainer"]["dict_class"]
-    k_cfg = config["trainer"].get("k")
+    return sae_from_state(config["trainer"]["dict_class"], state, folder, config["trainer"].get("k")), config
+
+
+def sae_from_state(dict_class: str, state: dict[str, torch.Tensor], folder: Path, k_cfg: int | None = None) -> SAE:
+    """The trainable module for a BatchTopKSAE / MatryoshkaBatchTopKSAE state dict (ae.pt's keys), loaded
+    strictly; `folder` names the source in errors and k_cfg, when given, is the k its config records."""
     try:
         if dict_class == "BatchTopKSAE":
             dict_size, activation_dim = state["encoder.weight"].shape
@@ -170,7 +181,7 @@ def load_folder(folder: str | Path) -> tuple[SAE, dict]:
         raise WorkbenchError(f"{folder / AE_FILE} lacks tensor {err} for {dict_class}; it is not a {dict_class} state dict") from None
     except RuntimeError as err:
         raise WorkbenchError(f"{folder / AE_FILE} does not fit {dict_class}: {str(err).splitlines()[0]}") from None
-    return sae, config
+    return sae
 
 
 # ---- conversion: every supported dictionary_learning class <-> SAEWeights ----
@@ -231,8 +242,8 @@ def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
         dl_config=None if converted else {k: v for k, v in config.items() if k != EXTRA_SECTION},
         saelens_cfg=converted.get("cfg") if converted.get("format") == "saelens" else None)
     if info.layer is not None:
-        info.hook_name = f"blocks.{info.layer}.hook_resid_post"
-    sparsity = _read_sparsity(folder)
+        info.hook_name = hook_name(info.layer)
+    sparsity = read_sparsity(folder)
     k = _k(folder, trainer, state) if "k" in STATE_KEYS[dict_class] else None
     if dict_class in ("BatchTopKSAE", "AutoEncoderTopK"):
         F = state["encoder.weight"].shape[0]
@@ -287,7 +298,8 @@ def read_json(path: Path) -> dict | None:
         raise WorkbenchError(f"{path} is not valid JSON ({err}); fix or delete it") from None
 
 
-def _read_sparsity(folder: Path) -> torch.Tensor | None:
+def read_sparsity(folder: Path) -> torch.Tensor | None:
+    """sparsity.safetensors beside the weights (either format): per-latent log10 firing frequency [F], or None."""
     path = folder / SPARSITY_FILE
     if not path.is_file():
         return None
@@ -295,6 +307,11 @@ def _read_sparsity(folder: Path) -> torch.Tensor | None:
         return load_file(str(path))["sparsity"]
     except Exception as err:  # safetensors raises its own error types for every kind of damage
         raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
+
+
+def write_sparsity(folder: Path, sparsity_F: torch.Tensor) -> None:
+    """Write sparsity.safetensors ({"sparsity": [F]}, SAELens' file) into folder, atomically."""
+    write_atomic(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": sparsity_F.contiguous()}, str(p)))
 
 
 def dict_class_for(weights: SAEWeights) -> str:
@@ -312,12 +329,26 @@ def dict_class_for(weights: SAEWeights) -> str:
 
 
 def write_weights(weights: SAEWeights, folder: str | Path) -> str:
-    """Write SAEWeights as a dictionary_learning folder (ae.pt, config.json, and eval_results.json /
-    sparsity.safetensors when known). Returns the dict_class written.
+    """Write SAEWeights as a dictionary_learning folder (ae.pt: `state_dict_for`, config.json, and
+    eval_results.json / sparsity.safetensors when known). Returns the dict_class written."""
+    folder = Path(folder)
+    dict_class, state = state_dict_for(weights)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / AE_FILE, lambda p: torch.save(state, p))
+    config = _config_for(weights, dict_class)
+    write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
+    if weights.info.eval_results is not None:
+        write_atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(weights.info.eval_results, indent=4)))
+    if weights.sparsity_F is not None:
+        write_sparsity(folder, weights.sparsity_F)
+    return dict_class
+
+
+def state_dict_for(weights: SAEWeights) -> tuple[str, dict[str, torch.Tensor]]:
+    """The dictionary_learning class that holds these weights exactly (`dict_class_for`) and its state dict.
 
     Differences the class cannot hold are folded exactly: apply_b_dec_to_input (b_enc + b_dec @ W_enc)
     and SAELens' rescale_acts_by_decoder_norm (decoder rows to unit norm, encoder scaled to match)."""
-    folder = Path(folder)
     dict_class = dict_class_for(weights)
     W_enc_DF, b_enc_F, W_dec_FD = weights.W_enc_DF, weights.b_enc_F, weights.W_dec_FD
     subtracts_b_dec = dict_class != "JumpReluAutoEncoder"
@@ -350,15 +381,7 @@ def write_weights(weights: SAEWeights, folder: str | Path) -> str:
     else:
         state = {"bias": b_dec_D, "encoder.weight": materialize_T(W_enc_DF), "encoder.bias": b_enc_F.clone(),
                  "decoder.weight": materialize_T(W_dec_FD)}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / AE_FILE, lambda p: torch.save(state, p))
-    config = _config_for(weights, dict_class)
-    write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
-    if weights.info.eval_results is not None:
-        write_atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(weights.info.eval_results, indent=4)))
-    if weights.sparsity_F is not None:
-        write_atomic(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": weights.sparsity_F.contiguous()}, str(p)))
-    return dict_class
+    return dict_class, state
 
 
 def _config_for(weights: SAEWeights, dict_class: str) -> dict:
@@ -372,7 +395,7 @@ def _config_for(weights: SAEWeights, dict_class: str) -> dict:
         trainer_class, keys = TRAINER_KEYS[dict_class]
         trainer: dict[str, Any] = {"trainer_class": trainer_class, "dict_class": dict_class, **dict.fromkeys(keys)}
         trainer.update(layer=info.layer, lm_name=info.model_name, wandb_name=dict_class,
-                       submodule_name=f"resid_post_layer_{info.layer}" if info.layer is not None else info.hook_name)
+                       submodule_name=resid_post_name(info.layer) if info.layer is not None else info.hook_name)
         buffer = {"d_submodule": weights.activation_dim, "io": "out", "n_ctxs": None, "ctx_len": info.context_size,
                   "refresh_batch_size": None, "out_batch_size": None, "device": "cpu"}
         config = {"trainer": trainer, "buffer": buffer}

@@ -26,10 +26,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from workbench.errors import WorkbenchError
-from workbench.formats.dictionary_learning import write_atomic
+from workbench.formats.dictionary_learning import (
+    SPARSITY_FILE as SPARSITY_FILE,  # the same file in both formats
+)
+from workbench.formats.dictionary_learning import read_sparsity, write_atomic, write_sparsity
 from workbench.formats.weights import (
     FileRows,
     SAEInfo,
@@ -37,6 +40,7 @@ from workbench.formats.weights import (
     Source,
     contiguous_rows,
     dtype_of,
+    hook_name,
     materialize,
     row_blocks,
     shape_of,
@@ -44,7 +48,6 @@ from workbench.formats.weights import (
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-SPARSITY_FILE = "sparsity.safetensors"
 SAELENS_VERSION = "6.54.12"  # the cfg.json format written (and the version the parity tests run)
 ARCHITECTURES = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
@@ -108,7 +111,7 @@ def read_weights(folder: str | Path) -> SAEWeights:
         b_dec_D=materialize(lazy("b_dec")), activation=ARCHITECTURES[arch],
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), info=info,
         rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
-        sparsity_F=_read_sparsity(folder))
+        sparsity_F=read_sparsity(folder))
     converted = meta.get("converted_from") or {}
     if arch == "jumprelu":
         weights.threshold_F = materialize(lazy("threshold"))
@@ -140,12 +143,12 @@ def _info(cfg: dict, meta: dict) -> SAEInfo:
     def get(key: str) -> Any:
         return meta.get(key, cfg.get(key))
 
-    hook_name = get("hook_name") or get("hook_point")
-    match = HOOK_RE.match(hook_name or "")
+    hook = get("hook_name") or get("hook_point")
+    match = HOOK_RE.match(hook or "")
     converted = meta.get("converted_from") or {}
     from_dl = converted.get("format") == "dictionary_learning"
     return SAEInfo(
-        model_name=get("model_name"), layer=int(match.group(1)) if match else None, hook_name=hook_name,
+        model_name=get("model_name"), layer=int(match.group(1)) if match else None, hook_name=hook,
         context_size=get("context_size"), dataset_path=get("dataset_path"), prepend_bos=get("prepend_bos"),
         workbench=dict(meta.get("workbench") or {}),
         # A folder converted from dictionary_learning carries that config home; an original SAELens
@@ -177,16 +180,6 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); re-download or re-export it") from None
 
 
-def _read_sparsity(folder: Path) -> torch.Tensor | None:
-    path = folder / SPARSITY_FILE
-    if not path.is_file():
-        return None
-    try:
-        return load_file(str(path))["sparsity"]
-    except Exception as err:
-        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
-
-
 def write_weights(weights: SAEWeights, folder: str | Path) -> str:
     """Write SAEWeights as a SAELens folder; returns the architecture written (jumprelu, topk or standard)."""
     folder = Path(folder)
@@ -200,7 +193,7 @@ def write_weights(weights: SAEWeights, folder: str | Path) -> str:
     cfg = _cfg_for(weights, arch)
     write_atomic(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg)))
     if weights.sparsity_F is not None:
-        write_atomic(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": weights.sparsity_F.contiguous()}, str(p)))
+        write_sparsity(folder, weights.sparsity_F)
     return arch
 
 
@@ -212,11 +205,11 @@ def _cfg_for(weights: SAEWeights, arch: str) -> dict:
     if original.get("architecture") == arch and (original.get("metadata") or {}).get("sae_lens_version"):
         cfg = json.loads(json.dumps(original))
     else:
-        hook_name = info.hook_name or (f"blocks.{info.layer}.hook_resid_post" if info.layer is not None else None)
+        hook = info.hook_name or (hook_name(info.layer) if info.layer is not None else None)
         cfg = {"d_in": None, "d_sae": None, "dtype": None, "device": "cpu", "apply_b_dec_to_input": True,
                "normalize_activations": "none", "reshape_activations": "none",
                "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
-                            "model_name": info.model_name, "hook_name": hook_name, "hook_head_index": None,
+                            "model_name": info.model_name, "hook_name": hook, "hook_head_index": None,
                             "prepend_bos": True if info.prepend_bos is None else info.prepend_bos,
                             "context_size": info.context_size, "dataset_path": info.dataset_path,
                             "model_from_pretrained_kwargs": {}},

@@ -146,6 +146,11 @@ def row_norms(src: Source) -> torch.Tensor:
     return torch.cat([rows(src, start, stop).norm(dim=1) for start, stop in row_blocks(src)])
 
 
+def hook_name(layer: int) -> str:
+    """The TransformerLens / SAELens hook of decoder layer `layer`'s output: blocks.<L>.hook_resid_post."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
 @dataclass
 class SAEInfo:
     """What an SAE is for, as far as the source folder says (None: not recorded).
