@@ -67,7 +67,13 @@ def test_run_does_every_stage_and_verifies_both_formats(finished):
         config = json.loads((folder / "config.json").read_text())
         assert config["workbench"]["threshold"]["method"] == "l0"
         assert float(torch.load(folder / "ae.pt", weights_only=True)["threshold"]) > 0
-    assert (finished / "export" / "dictionary_learning" / "README.md").is_file()
+    # the model cards carry the evaluation with the model: frac_recovered and KL of every SAE
+    for fmt in ("dictionary_learning", "saelens"):
+        card = (finished / "export" / fmt / "README.md").read_text()
+        assert "| frac recovered | KL to clean |" in card
+        for folder in (finished / "saes").glob("resid_post_layer_*/trainer_*"):
+            results = json.loads((folder / "eval_results.json").read_text())
+            assert f"| {results['frac_recovered']:.3f} | {results['kl_div']:.4f} |" in card
 
 
 def test_rerun_skips_every_finished_stage_and_rewrites_nothing(finished):

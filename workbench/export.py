@@ -48,6 +48,8 @@ class ExportedSAE:
     threshold_method: str | None
     l0: float | None
     fve: float | None
+    frac_recovered: float | None = None  # from `workbench eval` (the model's loss with the SAE spliced in)
+    kl_div: float | None = None
 
 
 def find_run_saes(run_dir: str | Path) -> list[Path]:
@@ -98,7 +100,8 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
         exported.append(ExportedSAE(source=folder, folder=dest, sae_id=sae_id, name=folder.name, layer=s["layer"],
                                     dict_class=s["dict_class"], width=s["width"], k=s["k"], group_sizes=s["group_sizes"],
                                     threshold=s["threshold"], threshold_method=s["threshold_method"],
-                                    l0=s["l0"], fve=s["fve"]))
+                                    l0=s["l0"], fve=s["fve"], frac_recovered=s["frac_recovered"],
+                                    kl_div=s["kl_div"]))
     config = dl.read_config(folders[0])
     card = render_model_card(exported, to, series, config)
     dl.write_atomic(out / "README.md", lambda p: p.write_text(card))
@@ -119,7 +122,8 @@ def _describe(folder: Path) -> dict:
     return {"layer": trainer.get("layer"), "model": trainer.get("lm_name"), "dict_class": trainer["dict_class"], "width": int(width),
             "k": trainer.get("k"), "group_sizes": trainer.get("group_sizes"), "threshold": threshold,
             "threshold_method": history.get("method", "ema" if threshold is not None and threshold >= 0 else None),
-            "l0": evals.get("l0"), "fve": evals.get("frac_variance_explained")}
+            "l0": evals.get("l0"), "fve": evals.get("frac_variance_explained"),
+            "frac_recovered": evals.get("frac_recovered"), "kl_div": evals.get("kl_div")}
 
 
 def default_series_name(model_name: str | None, all_matryoshka: bool) -> str:

@@ -44,16 +44,29 @@ def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: di
             "(`workbench threshold`: ema = the training estimate, batch-min = the BatchTopK paper's "
             "estimator, l0 = calibrated so the mean L0 on held-out tokens equals k); each SAE's config.json "
             "records the value, the previous one and the comparison under `workbench.threshold`.",
-            "", "## SAEs", "", "| layer | SAE ID | width | l0 | explained variance |", "|---|---|---|---|---|"]
+            "", "## SAEs", ""]
+    spliced = any(s.frac_recovered is not None for s in saes)
+    header = "| layer | SAE ID | width | l0 | explained variance |" + (" frac recovered | KL to clean |" if spliced else "")
+    out += [header, "|---" * (header.count("|") - 1) + "|"]
     for s in saes:
-        l0 = f"{s.l0:.1f}" if s.l0 is not None else "-"
-        fve = f"{s.fve:.3f}" if s.fve is not None else "-"
-        out.append(f"| {s.layer} | `{s.sae_id}` | {s.width} | {l0} | {fve} |")
+        row = f"| {s.layer} | `{s.sae_id}` | {s.width} | {_num(s.l0, '.1f')} | {_num(s.fve, '.3f')} |"
+        if spliced:
+            row += f" {_num(s.frac_recovered, '.3f')} | {_num(s.kl_div, '.4f')} |"
+        out.append(row)
     out += ["", "`l0` and `explained variance` are dictionary_learning's `l0` and `frac_variance_explained` "
-            "(eval_results.json) on held-out activations, encoding with the JumpReLU threshold.", ""]
+            "(eval_results.json) on held-out activations, encoding with the JumpReLU threshold."
+            + (" `frac recovered` is dictionary_learning's `frac_recovered` (the model's cross-entropy with the "
+               "reconstruction spliced in at the layer, between zero-ablation and clean) and `KL to clean` the "
+               "mean KL divergence from the clean model, both from `workbench eval` on held-out text, with sink "
+               "and first tokens passed through unreconstructed; eval_results.json also holds the splice-every-"
+               "token variants." if spliced else ""), ""]
     out += _loading(saes[0], fmt)
     out += _sink_note(extra)
     return "\n".join(out) + "\n"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def _loading(example: ExportedSAE, fmt: str) -> list[str]:
