@@ -6,7 +6,8 @@ Writes a random fp32 BatchTopKSAE (dictionary_learning ae.pt, about 2 GiB at the
 fresh processes: converts it to SAELens, converts that back to dictionary_learning, and copies ae.pt with
 shutil.copyfile. Each process reports its own peak resident set (ru_maxrss: anonymous memory plus the
 pages of memory-mapped files it touched). Prints a table and a JSON line; the target is a peak below
-1.5x the checkpoint size. The round trip is checked to give back the same tensors.
+1.5x the checkpoint size. The round trip is checked to give back the same tensors. Writes
+bench/results/convert_bench.json.
 """
 
 from __future__ import annotations
@@ -89,7 +90,12 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<14}{r['seconds']:>9.2f}{r['peak_rss'] / gib:>14.2f}{r['peak_rss'] / size:>14.2f}"
               f"{r['rss_after_imports'] / gib:>17.2f} G")
-    print(json.dumps({"checkpoint_bytes": size, "round_trip": same, **results}))
+    summary = {"checkpoint_bytes": size, "round_trip": same, **results}
+    print(json.dumps(summary))
+    out = Path(__file__).resolve().parent / "results" / "convert_bench.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
     shutil.rmtree(root, ignore_errors=True)
 
 
