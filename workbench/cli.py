@@ -128,10 +128,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    """--to and --out, shared by export and convert."""
+    p.add_argument("--to", required=True, choices=("saelens", "dictionary_learning"))
+    p.add_argument("--out", required=True, help=out_help)
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a training run's output folder (train.out)")
-    p.add_argument("--to", required=True, choices=("saelens", "dictionary_learning"))
-    p.add_argument("--out", required=True, help="export folder")
+    _target_args(p, "export folder")
     p.add_argument("--series", help="dictionary_learning series folder name (default: saes_<model>_batch_top_k)")
     p.add_argument("--allow-uncalibrated", action="store_true", help="export SAEs whose threshold is still -1")
 
@@ -145,8 +150,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="an SAE folder in either format (detected)")
-    p.add_argument("--to", required=True, choices=("saelens", "dictionary_learning"))
-    p.add_argument("--out", required=True, help="destination folder")
+    _target_args(p, "destination folder")
     p.add_argument("--k", type=int, help="the training k, for a SAELens jumprelu SAE that does not record it")
 
 
