@@ -1,21 +1,32 @@
 # The two commands of the README: `make demo` (the whole pipeline on the embedded tiny model) and
-# `make test` (the test suite). Both create and reuse the local virtual environment .venv.
+# `make test` (the test suite). Both create and reuse the local virtual environment .venv, installed
+# from uv.lock: the exact versions CI tested, on every machine. uv resolves from the lock alone, so a
+# pip configuration (a constraint file capping torch, extra indexes) does not change what is installed.
 PYTHON ?= python3
+UV_VERSION := 0.13.9
 VENV := .venv
 BIN := $(VENV)/bin
+TOOLS := .venv-tools
+UV := $(TOOLS)/bin/uv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint venv clean-demo
+.PHONY: demo test test-all bench lint venv lock clean-demo
 
 venv: $(STAMP)
 
-# Reinstall when the dependency list changes. The reference extra (dictionary-learning, sae-lens) is
-# installed too: the parity tests and `workbench verify` run those libraries in separate processes.
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[reference,dev]'
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install -q uv==$(UV_VERSION)
+
+# Reinstall when the lock changes. The reference extra (dictionary-learning, sae-lens) is installed too:
+# the parity tests and `workbench verify` run those libraries in separate processes.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --python $(PYTHON) --extra reference --extra dev
 	touch $(STAMP)
+
+# Refresh uv.lock after changing the dependencies in pyproject.toml (then `make test`, and commit both).
+lock: $(UV)
+	$(UV) lock --python $(PYTHON)
 
 demo: $(STAMP)
 	$(BIN)/workbench run recipes/demo.yaml
