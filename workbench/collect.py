@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from workbench.cache import (
     write_json_atomic,
 )
 from workbench.config import Recipe, fingerprint, to_dict
-from workbench.dist import process_state
+from workbench.dist import on_main_first, process_state, resolve_device
 from workbench.errors import WorkbenchError
 from workbench.model import (
     capture_resid_post,
@@ -143,44 +142,6 @@ def _damaged_shards(out: Path, manifest: dict) -> list[Path]:
             if not shard_is_complete(out / s["file"], s.get("bytes"))]
 
 
-def _on_main_first(state, fn: Callable[[], Any]) -> Any:
-    """Run fn on the main process only and hand its result (or its WorkbenchError) to every process,
-    so no process waits at a barrier for a main process that failed."""
-    if state.num_processes == 1:
-        return fn()
-    from accelerate.utils import broadcast_object_list
-
-    box: list[Any] = [None]
-    if state.is_main_process:
-        try:
-            box[0] = ("ok", fn())
-        except WorkbenchError as err:
-            box[0] = ("error", str(err))
-    broadcast_object_list(box)
-    status, value = box[0]
-    if status == "error":
-        raise WorkbenchError(value)
-    return value
-
-
-def _device(spec: str | None, state) -> torch.device:
-    """collect.device, or Accelerate's device for this process."""
-    if spec is None:
-        return state.device
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise WorkbenchError(f"collect.device '{spec}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == state.device.type and device.index is None:
-        return state.device  # e.g. "cuda" under accelerate launch: this process's own GPU
-    if state.num_processes > 1:
-        raise WorkbenchError(f"collect.device '{spec}' names one device for all {state.num_processes} processes; "
-                             "leave it null so that each process uses its own")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WorkbenchError(f"collect.device is '{spec}' but CUDA is not available here; use cpu or leave it null")
-    return device
-
-
 def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None) -> Summary:
     """Run collection for a recipe (one process, or one of several under `accelerate launch`).
 
@@ -189,7 +150,7 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
     """
     c, d = recipe.collect, recipe.data
     state = process_state(cpu=c.device == "cpu")
-    device = _device(c.device, state)
+    device = resolve_device(c.device, state, "collect.device")
     out = Path(c.out)
     identity = cache_identity(recipe)
 
@@ -207,7 +168,7 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
                 path.unlink(missing_ok=True)
         return manifest
 
-    manifest = _on_main_first(state, check_dir)
+    manifest = on_main_first(state, check_dir)
     if manifest is not None and manifest.get("complete"):
         summary = _summary_from_manifest(manifest)
         if state.is_main_process:
@@ -259,7 +220,7 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
         write_json_atomic(out / MANIFEST, new)
         return new
 
-    manifest = _on_main_first(state, create)
+    manifest = on_main_first(state, create)
 
     # Which shards are left: decided once, before the loop, from the expected number of shards.
     rows_per_shard = c.batch_size * c.shard_batches
@@ -278,7 +239,7 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
 
-    summary = _on_main_first(state, lambda: _finalize(out, manifest, num_batches, c.shard_batches, done_before))
+    summary = on_main_first(state, lambda: _finalize(out, manifest, num_batches, c.shard_batches, done_before))
     summary.seconds = seconds
     if state.is_main_process:
         print(summary.table())

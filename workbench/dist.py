@@ -1,6 +1,15 @@
-"""The process state under `accelerate launch` (or a single plain process)."""
+"""The process state under `accelerate launch` (or a single plain process), and the two rules every
+stage follows under it: where a process computes, and how work done by the main process alone (a
+lock, a manifest, a checkpoint) reports its failure to all of them."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from workbench.errors import WorkbenchError
 
 
 def process_state(cpu: bool = False):
@@ -13,3 +22,51 @@ def process_state(cpu: bool = False):
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def resolve_device(spec: str | None, state, name: str) -> torch.device:
+    """The device a setting names (`name`: how the user wrote it, e.g. collect.device or --device), or
+    Accelerate's device for this process when it is None; one line for a device that is not there."""
+    if spec is None:
+        return state.device
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise WorkbenchError(f"{name} '{spec}' is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == state.device.type and device.index is None:
+        return state.device  # e.g. "cuda" under accelerate launch: this process's own GPU
+    if state.num_processes > 1:
+        raise WorkbenchError(f"{name} '{spec}' names one device for all {state.num_processes} processes; "
+                             "leave it unset so that each process uses its own")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WorkbenchError(f"{name} is '{spec}' but CUDA is not available here; use cpu or leave it unset")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise WorkbenchError(f"{name} is '{spec}' but this machine has {torch.cuda.device_count()} GPU(s); "
+                             "use another index or leave it unset")
+    if device.type not in ("cpu", "cuda"):
+        try:  # a one-element round trip: torch raises a different error type for each missing backend
+            torch.ones(1, device=device).cpu()
+        except Exception as err:
+            raise WorkbenchError(f"{name} is '{spec}' but that device is not usable here "
+                                 f"({(str(err).splitlines() or [type(err).__name__])[0][:120]}); use cpu or leave it unset") from None
+    return device
+
+
+def on_main_first(state, fn: Callable[[], Any]) -> Any:
+    """Run fn on the main process only and hand its result (or its WorkbenchError) to every process,
+    so no process waits at a barrier for a main process that failed."""
+    if state.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except WorkbenchError as err:
+            box[0] = ("error", str(err))
+    broadcast_object_list(box)
+    status, value = box[0]
+    if status == "error":
+        raise WorkbenchError(value)
+    return value
