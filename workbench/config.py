@@ -1,8 +1,10 @@
 """Recipes: OmegaConf YAML validated against the dataclasses below.
 
 A recipe is plain data. `load_recipe(path, overrides)` reads the YAML (following `base:` to compose
-recipes), applies dotlist overrides (`collect.batch_size=8`), checks every key against these
-dataclasses (an unknown key names the nearest valid one) and returns a typed `Recipe`.
+recipes), applies dotlist overrides (`collect.batch_size=8`, `train.saes[0].k=32`), checks every key
+against these dataclasses (an unknown key names the nearest valid one) and every value against its
+type and range, and returns a typed `Recipe`. Every mistake is one WorkbenchError naming the file or
+the override it is in.
 """
 
 from __future__ import annotations
@@ -10,17 +12,29 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
 from workbench.errors import WorkbenchError
 
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 STORE_DTYPES = ("model", "bfloat16", "float16", "float32")
+THRESHOLD_METHODS = ("ema", "batch-min", "l0")  # as workbench.threshold.METHODS
+EXPORT_FORMATS = ("dictionary_learning", "saelens")  # as workbench.export.TARGETS
+# Names that become one folder: an SAE's under its layer (no dot, so no clash with the layer's checkpoint.pt),
+# the export's series under <export.out>/<format>/.
+SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+SERIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 @dataclass
@@ -148,6 +162,271 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file (or only defaults when path is None) with dotlist overrides applied.
+
+    The file (after its `base:` recipes) and then each override are merged in turn into the defaults,
+    each checked as it is merged, so an error names the file or the override it comes from.
+    """
+    conf = OmegaConf.structured(Recipe)
+    if path is not None:
+        _merge_file(conf, Path(path), ())
+    for item in overrides:
+        _merge(conf, _override(conf, item), f"override '{item}': ")
+    try:
+        recipe = OmegaConf.to_object(conf)  # resolves ${...} interpolations
+    except OmegaConfBaseException as err:
+        raise WorkbenchError(_bad_value(err)) from None
+    assert isinstance(recipe, Recipe)
+    validate(recipe)
+    return recipe
+
+
+# --- Files and overrides -------------------------------------------------------------------------------
+
+def _merge_file(conf: DictConfig, path: Path, seen: tuple[Path, ...]) -> None:
+    """Merge a recipe file into conf: its `base:` recipes first (paths relative to the file), then itself."""
+    if path.resolve() in seen:
+        raise WorkbenchError(f"recipe {path} includes itself through 'base:'; remove the cycle")
+    raw = _read_file(path)
+    bases = raw.pop("base", None)
+    names = [bases] if isinstance(bases, str) else bases if bases is not None else []
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise WorkbenchError(f"recipe {path}: base must name a recipe file relative to it, or a list of them, "
+                             f"e.g. base: base/qwen3-batchtopk.yaml (got {bases!r})")
+    for name in names:
+        base = path.parent / name
+        if not base.is_file():
+            state = "is a directory" if base.is_dir() else "does not exist"
+            raise WorkbenchError(f"recipe {path}: its base '{name}' ({base}) {state}; base names a recipe file, "
+                                 f"relative to {path.parent}")
+        _merge_file(conf, base, (*seen, path.resolve()))
+    _merge(conf, raw, f"recipe {path}: ")
+
+
+def _read_file(path: Path) -> dict:
+    """A recipe file's top-level mapping ({} for an empty file)."""
+    if path.is_dir():
+        raise WorkbenchError(f"recipe {path} is a directory: pass a YAML recipe file, e.g. recipes/demo.yaml")
+    if not path.is_file():
+        raise WorkbenchError(f"recipe file not found: {path} (pass the path of a YAML recipe, e.g. recipes/demo.yaml)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise WorkbenchError(f"recipe {path} is not UTF-8 text: pass a YAML recipe file") from None
+    except OSError as err:
+        raise WorkbenchError(f"cannot read recipe {path}: {err.strerror}; check that it is readable") from None
+    try:
+        # OmegaConf.load's own YAML rules (1e-3 is a float, a duplicate key is an error), on the text
+        # already read, so that the parser's line and column can be reported.
+        raw = yaml.load(text, Loader=get_yaml_loader())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "not valid YAML"
+        if "\\t" in problem:
+            fix = "indent with spaces, not tabs"
+        elif "duplicate key" in problem:
+            fix = "keep one of the two"
+        else:
+            fix = "fix the YAML there (a bracket or quote left open, a missing ':' or a wrong indent?)"
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = err.context_mark
+        if err.problem and err.context and context is not None and "duplicate key" not in problem:
+            problem += f" ({err.context} at line {context.line + 1}, column {context.column + 1})"
+        raise WorkbenchError(f"recipe {path}{at}: {problem}; {fix}") from None
+    except yaml.YAMLError as err:
+        raise WorkbenchError(f"recipe {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WorkbenchError(f"recipe {path} holds a YAML {_kind(raw)}, not a mapping of sections: write `section:` "
+                             f"lines with indented `key: value` lines under them (sections: "
+                             f"{', '.join(f.name for f in fields(Recipe))})")
+    return raw
+
+
+_SEGMENT = re.compile(r"([A-Za-z_][A-Za-z0-9_]*|[0-9]+)((?:\[[0-9]+\])*)")
+
+
+def _key_parts(key: str) -> list[str | int] | None:
+    """`train.saes[0].k` -> ['train', 'saes', 0, 'k']; None when it is not a dotted key."""
+    parts: list[str | int] = []
+    for segment in key.split("."):
+        match = _SEGMENT.fullmatch(segment)
+        if match is None:
+            return None
+        parts.append(match.group(1))
+        parts += [int(i) for i in re.findall(r"[0-9]+", match.group(2))]
+    return parts
+
+
+def _override(conf: DictConfig, item: str) -> dict:
+    """A dotlist override `key=value` as a mapping to merge into conf.
+
+    The key is dotted and indexes lists with [i] (or .i). Merging replaces lists whole, so an indexed
+    override becomes the whole list with that entry changed (a mapping merged into it).
+    """
+    key, sep, text = item.partition("=")
+    parts = _key_parts(key.strip()) if sep else None
+    if not parts:
+        raise WorkbenchError(f"bad override '{item}': write it as key=value, with dotted keys and lists indexed "
+                             "from [0], e.g. collect.batch_size=8 or train.saes[0].k=32")
+    where = f"override '{item}': "
+    try:
+        value = yaml.load(text, Loader=get_yaml_loader())
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or " ".join(str(err).split())
+        raise WorkbenchError(f"{where}the value is not valid YAML ({problem}); e.g. collect.layers=[9,18] or "
+                             "train.saes[0].k=32") from None
+    return _patch(OmegaConf.to_container(conf, resolve=False), Recipe, parts, value, "", where)
+
+
+def _patch(node: Any, hint: Any, parts: list[str | int], value: Any, dotted: str, where: str) -> Any:
+    """The value to merge at `dotted` (whose current value is node, of type hint) for the key parts left."""
+    if not parts:
+        return value
+    part, rest = parts[0], parts[1:]
+    hint, _ = _unwrap(hint)
+    origin = typing.get_origin(hint)
+    if is_dataclass(hint):
+        hints = typing.get_type_hints(hint)
+        if isinstance(part, int):
+            raise WorkbenchError(f"{where}recipe key '{dotted}' is a section, not a list: it has no [{part}]")
+        if part not in hints:
+            prefix = f"{dotted}." if dotted else ""
+            raise WorkbenchError(f"{where}unknown recipe key '{prefix}{part}'{_nearest(part, list(hints), prefix)}")
+        name = f"{dotted}.{part}" if dotted else part
+        child = node.get(part) if isinstance(node, dict) else None
+        return {part: _patch(child, hints[part], rest, value, name, where)}
+    if origin is list:
+        index = _integer(part)
+        if index is None:
+            raise WorkbenchError(f"{where}recipe key '{dotted}' is a list: index it from 0, e.g. {dotted}[0]")
+        if not isinstance(node, list):
+            raise WorkbenchError(f"{where}recipe key '{dotted}' is null, not a list: set the whole list, "
+                                 f"e.g. {dotted}=[...]")
+        if index >= len(node):
+            have = f"entries 0..{len(node) - 1}" if node else "no entries"
+            raise WorkbenchError(f"{where}{dotted}[{index}] is out of range: {dotted} has {have}; to add one, "
+                                 f"set the whole list, e.g. {dotted}=[...]")
+        (item_hint,) = typing.get_args(hint)
+        entry = _patch(node[index], item_hint, rest, value, f"{dotted}[{index}]", where)
+        if isinstance(entry, dict) and isinstance(node[index], dict):
+            entry = {**node[index], **entry}
+        return [*node[:index], entry, *node[index + 1:]]
+    if origin is dict and not rest:
+        key_type, _ = typing.get_args(hint)
+        key = _integer(part) if key_type is int else part
+        if key is None:
+            raise WorkbenchError(f"{where}recipe key '{dotted}' takes integer keys, e.g. {dotted}.12=...")
+        return {key: value}
+    raise WorkbenchError(f"{where}recipe key '{dotted}' is a value, not a section: it has no key '{part}'")
+
+
+def _integer(part: str | int) -> int | None:
+    if isinstance(part, int):
+        return part
+    return int(part) if part.isascii() and part.isdigit() else None
+
+
+# --- Checking keys and shapes -------------------------------------------------------------------------
+
+def _merge(conf: DictConfig, raw: dict, where: str) -> None:
+    """Merge plain data into conf after checking its keys and shapes; OmegaConf converts and checks scalars."""
+    checked = _check_section(raw, Recipe, "", where)
+    try:
+        conf.merge_with(checked)
+    except OmegaConfBaseException as err:
+        raise WorkbenchError(where + _bad_value(err)) from None
+
+
+def _check_section(raw: dict, schema: type, prefix: str, where: str) -> dict:
+    """raw's keys against a dataclass's fields (an unknown one names the nearest), each value's shape
+    against its field; a section left null (every key commented out) sets nothing and is dropped."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise WorkbenchError(f"{where}unknown recipe key '{dotted}'{_nearest(str(key), list(hints), prefix)}")
+        if value is None and is_dataclass(_unwrap(hints[key])[0]):
+            continue
+        out[key] = _check_value(value, hints[key], dotted, where)
+    return out
+
+
+def _check_value(value: Any, hint: Any, dotted: str, where: str) -> Any:
+    """Sections must be mappings, lists lists, flags true or false: OmegaConf would turn 'no', 0 or 2
+    into a flag, and name no key for a section given a scalar."""
+    hint, _ = _unwrap(hint)
+    if value is None or (isinstance(value, str) and "${" in value):  # null, or an interpolation resolved later
+        return value
+    origin = typing.get_origin(hint)
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            keys = ", ".join(f"{dotted}.{f.name}" for f in fields(hint)[:3])
+            raise WorkbenchError(f"{where}recipe key '{dotted}' is a section: give it a mapping of its keys "
+                                 f"({keys}, ...), not {value!r}")
+        return _check_section(value, hint, dotted + ".", where)
+    if origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise WorkbenchError(f"{where}recipe key '{dotted}' takes a list, e.g. {_list_example(item_hint)} "
+                                 f"(got {value!r})")
+        return [_check_value(v, item_hint, f"{dotted}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict and not isinstance(value, dict):
+        raise WorkbenchError(f"{where}recipe key '{dotted}' takes a mapping, e.g. {{0: 0.99, 12: 0.98}} (got {value!r})")
+    if hint is bool and not isinstance(value, bool):
+        raise WorkbenchError(f"{where}recipe key '{dotted}' takes true or false (got {value!r})")
+    return value
+
+
+def _unwrap(hint: Any) -> tuple[Any, bool]:
+    """(the type without None, whether None is allowed) of a field type such as `int | None`."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else Any), True
+    return hint, False
+
+
+def _list_example(item_hint: Any) -> str:
+    if is_dataclass(item_hint):
+        return "[{" + ", ".join(f"{f.name}: {f.default}" for f in fields(item_hint) if f.default is not None) + "}]"
+    return "[1, 2]" if item_hint in (int, Any) else "[0.25, 0.75]" if item_hint is float else "[a, b]"
+
+
+def _bad_value(err: OmegaConfBaseException) -> str:
+    """OmegaConf's conversion error as one line, with the type the key takes."""
+    key = getattr(err, "full_key", None) or "?"
+    message = f"recipe key '{key}' has a bad value: {str(err).splitlines()[0]}"
+    takes = _takes(key)
+    return f"{message}; it takes {takes}" if takes else message
+
+
+def _takes(key: str) -> str | None:
+    """What the field at a dotted key holds, in words ('an integer', 'a number or null'), or None."""
+    hint: Any = Recipe
+    for part in _key_parts(key) or []:
+        hint, _ = _unwrap(hint)
+        if is_dataclass(hint) and isinstance(part, str):
+            hint = typing.get_type_hints(hint).get(part)
+        elif typing.get_origin(hint) in (list, dict):
+            hint = typing.get_args(hint)[-1]
+        else:
+            return None
+        if hint is None:
+            return None
+    hint, optional = _unwrap(hint)
+    words = {int: "an integer", float: "a number", str: "text", bool: "true or false"}.get(hint)
+    if words is None:
+        words = "a list" if typing.get_origin(hint) is list else "a mapping" if typing.get_origin(hint) is dict else None
+    return None if words is None else words + (" or null" if optional else "")
+
+
+def _kind(value: Any) -> str:
+    return "list" if isinstance(value, list) else f"scalar ({value!r})"
+
+
 def _nearest(key: str, choices: list[str], prefix: str) -> str:
     close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
     if close:
@@ -155,99 +434,23 @@ def _nearest(key: str, choices: list[str], prefix: str) -> str:
     return f" (valid keys here: {', '.join(prefix + c for c in sorted(choices))})"
 
 
-def _check_keys(raw: Any, schema: type, prefix: str) -> None:
-    """Walk a raw mapping against a dataclass and fail on the first key it does not have."""
-    if not isinstance(raw, dict):
-        return
-    names = {f.name: f for f in fields(schema)}
-    for key, value in raw.items():
-        dotted = f"{prefix}{key}"
-        if key not in names:
-            raise WorkbenchError(f"unknown recipe key '{dotted}'{_nearest(str(key), list(names), prefix)}")
-        sub = _dataclass_of(names[key])
-        if sub is not None and isinstance(value, dict):
-            _check_keys(value, sub, dotted + ".")
-        elif sub is not None and isinstance(value, list):
-            for i, item in enumerate(value):
-                _check_keys(item, sub, f"{dotted}[{i}].")
-
-
-def _dataclass_of(f: Any) -> type | None:
-    """The dataclass a field holds, directly or as list items (SAEConfig for train.saes)."""
-    default = f.default_factory() if f.default_factory is not MISSING else f.default
-    if is_dataclass(default):
-        return type(default)
-    if isinstance(default, list) and default and is_dataclass(default[0]):
-        return type(default[0])
-    return None
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
-    """Read a recipe file, merging it over its `base:` recipe(s), paths relative to the file."""
-    if not path.is_file():
-        raise WorkbenchError(f"recipe file not found: {path} (pass the path of a YAML recipe, e.g. recipes/demo.yaml)")
-    if path.resolve() in seen:
-        raise WorkbenchError(f"recipe {path} includes itself through 'base:'; remove the cycle")
-    try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise WorkbenchError(f"recipe {path} is not valid YAML: {err}".splitlines()[0]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise WorkbenchError(f"recipe {path} must be a mapping of sections (model, data, collect, train)")
-    bases = raw.pop("base", None)
-    merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else (bases or []):
-        merged = _deep_merge(merged, _read_yaml(path.parent / base, (*seen, path.resolve())))
-    return _deep_merge(merged, raw)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load a recipe file (or only defaults when path is None) with dotlist overrides applied."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
-    try:
-        dot = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
-    except (OmegaConfBaseException, ValueError) as err:
-        raise WorkbenchError(f"bad override {list(overrides)}: {err}; write them as key=value, e.g. collect.batch_size=8") from None
-    for item in overrides:
-        if "=" not in item:
-            raise WorkbenchError(f"bad override '{item}': write it as key=value, e.g. collect.batch_size=8")
-    raw = _deep_merge(raw, dot)
-    _check_keys(raw, Recipe, "")
-    try:
-        conf = OmegaConf.merge(OmegaConf.structured(Recipe), raw)
-        recipe = OmegaConf.to_object(conf)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        msg = str(err).splitlines()[0]
-        raise WorkbenchError(f"recipe key '{key}' has a bad value: {msg}") from None
-    assert isinstance(recipe, Recipe)
-    validate(recipe)
-    return recipe
-
+# --- Values: names and ranges -------------------------------------------------------------------------
 
 def validate(recipe: Recipe) -> None:
-    """Checks that need more than types: allowed names and ranges."""
+    """Checks that need more than types: allowed names and ranges, so that every command refuses a recipe
+    that training, evaluation or export would crash on (or silently misread) before doing anything."""
     m, d, c, t = recipe.model, recipe.data, recipe.collect, recipe.train
     _choice("model.dtype", m.dtype, MODEL_DTYPES)
+    for key, value in (("model.num_layers", m.num_layers), ("model.d_model", m.d_model)):
+        if value is not None:
+            _positive(key, value)
     _choice("collect.store_dtype", c.store_dtype, STORE_DTYPES)
     _choice("collect.sink_median", c.sink_median, ("real", "all"))
     _positive("data.context_length", d.context_length)
     _positive("data.num_tokens", d.num_tokens)
     _positive("collect.batch_size", c.batch_size)
     _positive("collect.shard_batches", c.shard_batches)
-    if c.sink_multiple is not None and c.sink_multiple <= 0:
+    if c.sink_multiple is not None and not c.sink_multiple > 0:
         raise WorkbenchError(f"collect.sink_multiple must be > 0 or null (got {c.sink_multiple})")
     if not c.layers:
         raise WorkbenchError("collect.layers is empty: list layer indices or depth fractions, e.g. [0.25, 0.5]")
@@ -256,6 +459,25 @@ def validate(recipe: Recipe) -> None:
             raise WorkbenchError(f"collect.layers entry {layer!r} is not a layer index or a fraction in (0, 1)")
         if isinstance(layer, float) and not 0 < layer < 1:
             raise WorkbenchError(f"collect.layers entry {layer} is a float outside (0, 1): use an int index or a fraction")
+    _validate_train(t)
+    th = recipe.threshold
+    _choice("threshold.method", th.method, THRESHOLD_METHODS)
+    _positive("threshold.num_tokens", th.num_tokens)
+    if th.batch_size is not None:
+        _positive("threshold.batch_size", th.batch_size)
+    ex = recipe.export
+    for fmt in ex.formats:
+        _choice("export.formats entry", fmt, EXPORT_FORMATS)
+    if len(set(ex.formats)) != len(ex.formats):
+        raise WorkbenchError(f"export.formats lists a format twice (got {ex.formats}); list each once")
+    if ex.series_name is not None and not SERIES_NAME.fullmatch(ex.series_name):
+        raise WorkbenchError(f"export.series_name {ex.series_name!r} must be one folder name: letters, digits, '.', "
+                             "'_' and '-', starting with a letter or digit; or null for the default")
+    _positive("eval.num_tokens", recipe.eval.num_tokens)
+    _positive("eval.batch_size", recipe.eval.batch_size)
+
+
+def _validate_train(t: TrainConfig) -> None:
     _positive("train.batch_size", t.batch_size)
     _positive("train.num_tokens", t.num_tokens)
     _positive("train.data_lanes", t.data_lanes)
@@ -264,25 +486,74 @@ def validate(recipe: Recipe) -> None:
         raise WorkbenchError(f"train.batch_size ({t.batch_size}) must be a multiple of train.data_lanes ({t.data_lanes})")
     if t.eval_tokens < 0 or t.warmup_steps < 0 or t.dead_feature_threshold <= 0:
         raise WorkbenchError("train.eval_tokens and train.warmup_steps must be >= 0, train.dead_feature_threshold > 0")
+    if t.threshold_start_step < 0 or not t.auxk_alpha >= 0:
+        raise WorkbenchError(f"train.threshold_start_step and train.auxk_alpha must be >= 0 "
+                             f"(got {t.threshold_start_step}, {t.auxk_alpha})")
     if not 0 <= t.threshold_beta < 1:
         raise WorkbenchError(f"train.threshold_beta must be in [0, 1) (got {t.threshold_beta})")
+    if t.lr is not None and not (t.lr > 0 and math.isfinite(t.lr)):
+        raise WorkbenchError(f"train.lr must be > 0, or null for 2e-4 / sqrt(width / 2^14) (got {t.lr})")
+    if t.decay_start is not None and not t.decay_start > 0:
+        raise WorkbenchError(f"train.decay_start must be > 0 (a fraction of the steps <= 1, or a step), or null for "
+                             f"no decay (got {t.decay_start})")
+    if t.k_anneal_steps is not None and not t.k_anneal_steps >= 0:
+        raise WorkbenchError(f"train.k_anneal_steps must be >= 0 (a fraction of the steps <= 1, or a step count), or "
+                             f"null for no annealing (got {t.k_anneal_steps})")
     if t.autocast_dtype is not None:
         _choice("train.autocast_dtype", t.autocast_dtype, ("bfloat16", "float16"))
+    if t.layers is not None:
+        if not t.layers:
+            raise WorkbenchError("train.layers is empty: list layer indices, or null for every cached layer")
+        for layer in t.layers:
+            if layer < 0:
+                raise WorkbenchError(f"train.layers entry {layer} is negative: give the layer's index in the cache "
+                                     "(e.g. 35, not -1)")
+    if not t.saes:
+        raise WorkbenchError(f"train.saes is empty: list the SAEs to train, e.g. {_list_example(SAEConfig)}")
     names = [s.name for s in t.saes]
-    if len(set(names)) != len(names):
-        raise WorkbenchError(f"train.saes names must be unique (got {names})")
+    for i, name in enumerate(names):
+        if not SAE_NAME.fullmatch(name):
+            raise WorkbenchError(f"train.saes[{i}].name {name!r} must be one folder name: letters, digits, '_' and '-', "
+                                 "starting with a letter or digit (e.g. trainer_0)")
+    folded = [name.casefold() for name in names]
+    if len(set(folded)) != len(folded):
+        raise WorkbenchError(f"train.saes names must be unique, ignoring case (got {names}): each is a folder")
     for i, sae in enumerate(t.saes):
-        where = f"train.saes[{i}] ({sae.name})"
-        _choice(f"{where}.arch", sae.arch, ("batchtopk", "matryoshka"))
-        _positive(f"{where}.width", sae.width)
-        _positive(f"{where}.k", sae.k)
-        if sae.arch == "matryoshka":
-            if not sae.group_fractions:
-                raise WorkbenchError(f"{where}.group_fractions is required for arch matryoshka, e.g. [0.25, 0.75]")
-            if abs(sum(sae.group_fractions) - 1.0) > 1e-6:
-                raise WorkbenchError(f"{where}.group_fractions must sum to 1 (got {sum(sae.group_fractions)})")
-            if sae.group_weights is not None and len(sae.group_weights) != len(sae.group_fractions):
-                raise WorkbenchError(f"{where}.group_weights needs one weight per group ({len(sae.group_fractions)})")
+        _validate_sae(sae, f"train.saes[{i}] ({sae.name})")
+
+
+def _validate_sae(sae: SAEConfig, where: str) -> None:
+    _choice(f"{where}.arch", sae.arch, ("batchtopk", "matryoshka"))
+    _positive(f"{where}.width", sae.width)
+    _positive(f"{where}.k", sae.k)
+    if sae.k > sae.width:
+        raise WorkbenchError(f"{where}.k ({sae.k}) is larger than its width ({sae.width}): batch top-k keeps k of "
+                             "the width latents a token; lower k or raise the width")
+    if sae.arch != "matryoshka":
+        if sae.group_fractions is not None or sae.group_weights is not None:
+            raise WorkbenchError(f"{where}.group_fractions and group_weights are for arch matryoshka only; remove "
+                                 "them or set arch: matryoshka")
+        return
+    from workbench.sae import matryoshka_group_sizes
+
+    fractions = sae.group_fractions
+    if not fractions:
+        raise WorkbenchError(f"{where}.group_fractions is required for arch matryoshka, e.g. [0.25, 0.75]")
+    if not all(f > 0 for f in fractions):
+        raise WorkbenchError(f"{where}.group_fractions entries must be > 0 (got {fractions})")
+    if not math.isclose(sum(fractions), 1.0):  # dictionary_learning's own check
+        raise WorkbenchError(f"{where}.group_fractions must sum to 1 (got {fractions}, sum {sum(fractions)!r})")
+    sizes = matryoshka_group_sizes(sae.width, list(fractions))
+    if min(sizes) < 1:
+        raise WorkbenchError(f"{where}.group_fractions {fractions} give group sizes {sizes} at width {sae.width}: "
+                             "every group needs at least one latent; raise the small fractions or the width")
+    weights = sae.group_weights
+    if weights is not None:
+        if len(weights) != len(fractions):
+            raise WorkbenchError(f"{where}.group_weights needs one weight per group ({len(fractions)}), "
+                                 f"got {len(weights)}; or null for 1/{len(fractions)} each")
+        if not all(w >= 0 and math.isfinite(w) for w in weights) or not sum(weights) > 0:
+            raise WorkbenchError(f"{where}.group_weights must be >= 0 and not all 0 (got {weights})")
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -291,7 +562,7 @@ def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 
 
 def _positive(key: str, value: Any) -> None:
-    if value <= 0:
+    if not value > 0:
         raise WorkbenchError(f"{key} must be > 0 (got {value})")
 
 

@@ -179,7 +179,7 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
     shard_bytes = shard_tokens * (TOKEN_META_BYTES + len(layers) * (act_bytes + LAYER_META_BYTES))
 
     steps = train_steps(t)
-    train_layers = resolve_layers(list(t.layers), num_layers) if t.layers else layers
+    train_layers = _train_layers(recipe, layers, num_layers)
     saes = []
     for layer in train_layers:
         for s in t.saes:
@@ -214,6 +214,27 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
     return p
 
 
+def _reads_own_cache(recipe: Recipe) -> bool:
+    t = recipe.train
+    return t.cache is None or Path(t.cache) == Path(recipe.collect.out)
+
+
+def _train_layers(recipe: Recipe, collected: list[int], num_layers: int) -> list[int]:
+    """train.layers (default: the collected layers), each a layer of the model and, when training reads the
+    cache this recipe collects, one of the collected layers: training would fail on any other."""
+    t = recipe.train
+    if t.layers is None:
+        return collected
+    for layer in t.layers:
+        if not 0 <= layer < num_layers:
+            raise WorkbenchError(f"train.layers entry {layer} is out of range: the model has layers 0..{num_layers - 1}")
+    missing = sorted(set(t.layers) - set(collected))
+    if missing and _reads_own_cache(recipe):
+        raise WorkbenchError(f"train.layers {missing} are not collected (collect.layers gives {collected}): add them "
+                             "to collect.layers, or train collected layers only")
+    return sorted(set(t.layers))
+
+
 def _warnings(recipe: Recipe, p: Plan) -> list[str]:
     out = []
     need = p.train_tokens + p.holdout_tokens
@@ -223,7 +244,8 @@ def _warnings(recipe: Recipe, p: Plan) -> list[str]:
                    "trainer will reuse tokens; raise data.num_tokens to avoid it")
     untrained = sorted({s.layer for s in p.saes} - set(p.layers))
     if untrained:
-        out.append(f"train.layers {untrained} are not collected (collect.layers gives {p.layers})")
+        out.append(f"train.layers {untrained} are not in collect.layers ({p.layers}): train.cache "
+                   f"{recipe.train.cache} must hold them")
     if p.steps == 0:
         out.append(f"train.num_tokens {p.train_tokens:,} is less than one batch of {p.train_batch_size:,}: no steps")
     missing = [L for L in p.target_explained_variance if L not in {s.layer for s in p.saes}]
