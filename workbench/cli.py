@@ -11,21 +11,100 @@
     workbench convert SRC --to FMT --out DST     one SAE folder, dictionary_learning <-> SAELens, exactly
     workbench verify DIR [--cache CACHE]         each SAE against its reference library (separate process)
 
-User errors (WorkbenchError) print one line and exit 2; anything else keeps its traceback.
+User errors (WorkbenchError, a command line argparse refuses included) print one line and exit 2;
+anything else keeps its traceback. Dotlist overrides may come anywhere after the command
+(`workbench run RECIPE --dry-run train.saes[0].k=32`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 from workbench.errors import WorkbenchError
 
 
+class UsageError(WorkbenchError):
+    """A command line that argparse refuses; `prog` is the (sub)command it concerns."""
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with each error as one line (a UsageError: exit 2, no usage block) and, with
+    intermixed=True, positionals (the dotlist overrides) accepted before, between and after options."""
+
+    def __init__(self, *args, intermixed: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.intermixed = intermixed
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.intermixed:
+            return super().parse_known_args(args, namespace)
+        self.intermixed = False  # parse_known_intermixed_args calls parse_known_args itself
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self.intermixed = True
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self.prog, f"{message}; see {self.prog} --help")
+
+
+# argparse types. A 0 or an empty string must be refused here: the API reads them as "use the default".
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {value})")
+    return value
+
+
+def _count(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (got {text})")
+    return value
+
+
+def _text(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    stages = tuple(s.strip() for s in text.split(","))
+    if not all(stages):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty stage name; give e.g. collect,train")
+    return stages
+
+
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML (e.g. recipes/demo.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. collect.batch_size=8")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. collect.batch_size=8 train.saes[0].k=32")
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -62,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from workbench.pipeline import STAGES, run
 
-    run(recipe, args.recipe, list(args.overrides), tuple(args.stages.split(",")) if args.stages else STAGES)
+    run(recipe, args.recipe, list(args.overrides), args.stages if args.stages is not None else STAGES)
     return 0
 
 
@@ -70,7 +149,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _recipe_args(p)
     p.add_argument("--dry-run", action="store_true", help="print what the recipe means (layers, tokens, disk, "
                                                           "steps, paths) without loading weights, and stop")
-    p.add_argument("--stages", help="comma-separated subset of collect,train,threshold,eval,export,verify")
+    p.add_argument("--stages", type=_stages, help="comma-separated subset of collect,train,threshold,eval,export,verify")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -110,11 +189,11 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 
 def _threshold_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae", help="a BatchTopK / Matryoshka SAE folder (ae.pt + config.json)")
-    p.add_argument("--cache", help="activation cache with the SAE's layer (default: the one in its config.json)")
+    p.add_argument("--cache", type=_text, help="activation cache with the SAE's layer (default: the one in its config.json)")
     p.add_argument("--method", choices=("ema", "batch-min", "l0"), help="which threshold to write (default: l0)")
-    p.add_argument("--batch-size", type=int, help="tokens per batch (default: the SAE's training batch)")
-    p.add_argument("--num-tokens", type=int, help="held-out tokens to use (default: 50000)")
-    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--batch-size", type=_positive_int, help="tokens per batch (default: the SAE's training batch)")
+    p.add_argument("--num-tokens", type=_positive_int, help="held-out tokens to use (default: 50000)")
+    p.add_argument("--device", type=_text, help="default: cuda when available, else cpu")
     p.add_argument("--no-write", action="store_true", help="report only; leave the SAE unchanged")
 
 
@@ -131,13 +210,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _target_args(p: argparse.ArgumentParser, out_help: str) -> None:
     """--to and --out, shared by export and convert."""
     p.add_argument("--to", required=True, choices=("saelens", "dictionary_learning"))
-    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--out", required=True, type=_text, help=out_help)
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a training run's output folder (train.out)")
     _target_args(p, "export folder")
-    p.add_argument("--series", help="dictionary_learning series folder name (default: saes_<model>_batch_top_k)")
+    p.add_argument("--series", type=_text, help="dictionary_learning series folder name (default: saes_<model>_batch_top_k)")
     p.add_argument("--allow-uncalibrated", action="store_true", help="export SAEs whose threshold is still -1")
 
 
@@ -151,7 +230,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="an SAE folder in either format (detected)")
     _target_args(p, "destination folder")
-    p.add_argument("--k", type=int, help="the training k, for a SAELens jumprelu SAE that does not record it")
+    p.add_argument("--k", type=_positive_int, help="the training k, for a SAELens jumprelu SAE that does not record it")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -164,17 +243,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a folder of SAE folders (either format), searched recursively")
-    p.add_argument("--cache", help="also compare on real activations from this cache")
-    p.add_argument("--tolerance", type=float, default=1e-5,
+    p.add_argument("--cache", type=_text, help="also compare on real activations from this cache")
+    p.add_argument("--tolerance", type=_tolerance, default=1e-5,
                    help="max abs difference, relative to max(1, |reference output|) (default: 1e-5)")
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache")
+    p.add_argument("--top", type=_count, default=10, help="most frequent sink tokens to list")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "collect": (cmd_collect, "collect resid_post activations into an HDF5 cache", _recipe_args),
     "train": (cmd_train, "train BatchTopK / Matryoshka SAEs from the cache (train section)", _recipe_args),
-    "inspect": (cmd_inspect, "summarise a cache, with its sink statistics",
-                lambda p: (p.add_argument("cache"), p.add_argument("--top", type=int, default=10,
-                                                                    help="most frequent sink tokens to list"))),
+    "inspect": (cmd_inspect, "summarise a cache, with its sink statistics", _inspect_args),
     "run": (cmd_run, "the whole pipeline: collect, train, threshold, eval, export, verify (resumable)", _run_args),
     "plan": (cmd_plan, "what a recipe means, without loading weights (the dry run)", _recipe_args),
     "eval": (cmd_eval, "the model's loss with an SAE spliced in at its layer", _eval_args),
@@ -186,18 +268,31 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
 }
 
 
+# Commands whose positionals end in dotlist overrides: those may come anywhere after the command.
+WITH_OVERRIDES = ("collect", "train", "run", "plan", "eval")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="workbench", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (func, help_text, add_args) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, intermixed=name in WITH_OVERRIDES)
         add_args(p)
         p.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args, extra = build_parser().parse_known_args(argv)
+        prog = f"workbench {args.command}" if args.command else "workbench"
+        if extra:  # named here, not by the top-level parser, so that the message names the command
+            raise UsageError(prog, f"unrecognized arguments: {' '.join(extra)}; see {prog} --help")
+        if args.command is None:
+            raise UsageError(prog, f"name a command: {', '.join(COMMANDS)}; see workbench --help")
+    except UsageError as err:
+        print(f"{err.prog}: error: {err}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except WorkbenchError as err:
