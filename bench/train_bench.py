@@ -50,7 +50,7 @@ import sys, time, torch
 torch.set_num_threads(int(sys.argv[3]))
 from dictionary_learning.trainers.batch_top_k import BatchTopKTrainer
 from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKTrainer
-spec = torch.load(sys.argv[1], weights_only=False)
+spec = torch.load(sys.argv[1], weights_only=True)
 common = dict(steps=10_000, activation_dim=spec["D"], dict_size=spec["F"], k=spec["k"], layer=0, lm_name="bench",
               warmup_steps=2, device="cpu")
 if spec["arch"] == "matryoshka":

@@ -18,17 +18,25 @@ fraction).
 
 Resume: re-running the same command continues from the layer's last checkpoint (written atomically
 every train.checkpoint_every steps and after the last step) and ends with the same weights as an
-uninterrupted run. The checkpoint is deleted once every SAE folder of the layer is written.
+uninterrupted run. The checkpoint is deleted once every SAE folder of the layer is written. It holds
+only tensors, numbers, strings, lists and dicts, so it is read with torch.load(weights_only=True): a
+planted checkpoint.pt cannot run code.
+
+Safety: one `workbench train` at a time holds train.out (a lock); an SAE folder that holds an SAE
+of another recipe is refused, not overwritten; a NaN or Inf loss stops the run before any checkpoint
+or SAE file records it, and an SAE folder is written only when every SAE of the layer is finite.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import os
+import math
+import pickle
 import random
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +45,9 @@ import torch
 
 from workbench.cache import ActivationCache, prefetch
 from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, schedule_step, to_dict, train_steps
+from workbench.dist import on_main_first
 from workbench.errors import WorkbenchError
+from workbench.files import folder_lock, make_dir, read_json_object, write_atomic, write_error, write_text
 from workbench.formats import dictionary_learning as dl_format
 from workbench.formats import saelens
 from workbench.formats.convert import load_trainable
@@ -46,6 +56,7 @@ from workbench.sae import SAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, matryoshka_
 from workbench.trainer import Comm, Trainer
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_VERSION = 2  # 2: plain tensors and numbers only (weights_only=True); 1 pickled numpy's RNG state
 METRICS = "metrics.jsonl"
 CURVES = "training_curves.png"
 NORM_SAMPLE_BATCHES = 100  # batches averaged for the normalisation factor (dictionary_learning: 100)
@@ -77,21 +88,43 @@ def train(recipe: Recipe) -> list[Path]:
     if t.data_lanes % acc.num_processes:
         raise WorkbenchError(f"train.data_lanes ({t.data_lanes}) must be a multiple of the number of processes "
                              f"({acc.num_processes}); set train.data_lanes={acc.num_processes * max(1, t.data_lanes // acc.num_processes)}")
-    cache = ActivationCache(t.cache or recipe.collect.out)
-    layers = t.layers if t.layers is not None else cache.layers
-    for layer in layers:
-        cache.num_tokens(layer)  # a clear error for a layer the cache does not have
-    folders = []
-    for layer in layers:
-        folders += train_layer(recipe, acc, cache, layer)
-    cache.close()
-    return folders
+    with ActivationCache(t.cache or recipe.collect.out) as cache:
+        layers = t.layers if t.layers is not None else cache.layers
+        plans = {layer: plan_layer(recipe, cache, layer) for layer in layers}  # every recipe error before any write
+        with _lock_out(acc, t.out):
+            on_main_first(acc, lambda: _check_out(t, plans))
+            return [folder for layer in layers for folder in train_layer(recipe, acc, cache, layer, plans[layer])]
+
+
+@contextmanager
+def _lock_out(acc, out: str) -> Iterator[None]:
+    """train.out for one `workbench train` at a time. The processes of one `accelerate launch` are one
+    run: the main process holds the lock for all of them, and tells them when it could not."""
+    with ExitStack() as stack:
+        def lock() -> None:
+            stack.enter_context(folder_lock(out, "workbench train"))
+
+        on_main_first(acc, lock)
+        yield
+
+
+def _check_out(t: TrainConfig, plans: dict[int, Plan]) -> None:
+    """Refuse, before anything is written, an SAE folder that holds a finished SAE of another recipe
+    (collect refuses a cache of another recipe the same way): training would silently replace it."""
+    for layer, plan in plans.items():
+        for cfg in t.saes:
+            folder = layer_dir(t.out, layer) / cfg.name
+            made_by = _made_by(folder)
+            if made_by is not None and made_by != plan.fingerprint:
+                raise WorkbenchError(f"{folder} holds a finished SAE made by a different train recipe or cache; choose "
+                                     "another train.out, or delete that SAE folder to train it again; nothing was changed")
 
 
 def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
     """Steps and schedule points, and the held-out share of the cache: train.eval_tokens tokens (at most
     half of the layer) for eval_results.json, which the threshold stage reads too."""
     t = recipe.train
+    cache.num_tokens(layer)  # a clear error for a layer the cache does not have
     steps = train_steps(t)
     if steps <= t.warmup_steps:
         raise WorkbenchError(f"train.num_tokens {t.num_tokens} is {steps} steps of {t.batch_size} tokens, not more than "
@@ -109,12 +142,11 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
     return Plan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
 
 
-def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list[Path]:
+def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: Plan) -> list[Path]:
     """Train all SAEs of one layer from one pass over its batches; resume from its checkpoint."""
     from tqdm.auto import tqdm
 
     t = recipe.train
-    plan = plan_layer(recipe, cache, layer)
     folders = [layer_dir(t.out, layer) / s.name for s in t.saes]
     checkpoint_path = layer_dir(t.out, layer) / CHECKPOINT
     if all(_is_complete(folder, plan, t) for folder in folders):
@@ -123,7 +155,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list
             checkpoint_path.unlink(missing_ok=True)  # left behind if a kill came after the last SAE was written
         return folders
 
-    checkpoint = _read_checkpoint(checkpoint_path, plan)
+    checkpoint = _read_checkpoint(checkpoint_path, plan, len(t.saes))
     if checkpoint is not None:
         norm_factor = checkpoint["norm_factor"]
     else:
@@ -138,10 +170,13 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list
         for trainer in trainers:  # the loaded SAE works on raw activations; training sees x / norm_factor
             trainer.sae.scale_biases(1 / norm_factor)
     start = checkpoint["step"] if checkpoint is not None else 0
-    if acc.is_main_process:
+
+    def prepare_folders() -> None:
         for folder in folders:
-            folder.mkdir(parents=True, exist_ok=True)
+            make_dir(folder)
             _truncate_metrics(folder / METRICS, start)
+
+    on_main_first(acc, prepare_folders)
 
     lanes = list(range(acc.process_index, t.data_lanes, acc.num_processes))
     batches = prefetch(_global_batches(cache.root, layer, lanes, t, plan, start))
@@ -154,6 +189,9 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list
         log = (step + 1) % log_every == 0 or step + 1 == plan.steps
         logs = [trainer.update(x_BD, log=log) for trainer in trainers]
         bar.update(1)
+        save = (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps  # the last: a kill while finishing redoes only that
+        if log or save:  # before anything records this step: a checkpoint must never hold NaN weights
+            _stop_if_nonfinite(trainers, t.saes, layer, plan, checkpoint_path)
         if log:
             now = time.perf_counter()
             tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
@@ -165,16 +203,34 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int) -> list
                 first = logs[0]
                 bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
                                 FVE=f"{first['frac_variance_explained']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps:  # the last: a kill while
-            _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)  # finishing redoes only that
+        if save:
+            _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
     bar.close()
 
-    if acc.is_main_process:
-        for trainer, cfg, folder in zip(trainers, t.saes, folders, strict=True):
-            _finish(recipe, cache, layer, cfg, trainer, plan, norm_factor, folder)
+    def finish() -> None:
+        # Every SAE of the layer is checked and evaluated before the first file is written.
+        outputs = [_finish(recipe, cache, layer, cfg, trainer, plan, norm_factor)
+                   for trainer, cfg in zip(trainers, t.saes, strict=True)]
+        for (sae, config, eval_results), cfg, folder in zip(outputs, t.saes, folders, strict=True):
+            dl_format.save_folder(sae, folder, config, eval_results)
+            plot_curves(folder / METRICS, folder / CURVES,
+                        title=f"layer {layer} {cfg.name} ({cfg.arch}, width {cfg.width}, k {cfg.k})")
         checkpoint_path.unlink(missing_ok=True)
-    acc.wait_for_everyone()
+
+    on_main_first(acc, finish)
     return folders
+
+
+def _stop_if_nonfinite(trainers: list[Trainer], saes: list[SAEConfig], layer: int, plan: Plan, checkpoint: Path) -> None:
+    """A NaN or Inf loss ends the run with the SAE and the step; nothing after the last good checkpoint is kept."""
+    for trainer, cfg in zip(trainers, saes, strict=True):
+        step = trainer.nonfinite_step()
+        if step is not None:
+            kept = f"the checkpoint {checkpoint} is from before it" if checkpoint.is_file() else "no checkpoint was written"
+            raise WorkbenchError(
+                f"layer {layer}, SAE {cfg.name}: the loss became NaN or Inf at step {step} of {plan.steps}, from bad "
+                f"activations (check the cache) or too high a learning rate (lower train.lr); no SAE file was written "
+                f"and {kept}")
 
 
 def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, plan: Plan,
@@ -236,7 +292,11 @@ def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan)
     if not mean_sq:
         raise WorkbenchError(f"the cache has fewer training tokens in layer {layer} than one batch ({t.batch_size}); "
                              "lower train.batch_size or collect more tokens")
-    return float(np.sqrt(np.mean(mean_sq)))
+    factor = float(np.sqrt(np.mean(mean_sq)))
+    if not math.isfinite(factor) or factor == 0:  # training would divide every batch by it
+        raise WorkbenchError(f"the activations of layer {layer} have a mean squared norm of {factor ** 2} (NaN, Inf or "
+                             "zero): check the cache, or set train.normalize_activations=false")
+    return factor
 
 
 def _global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, plan: Plan, start: int) -> Iterator[torch.Tensor]:
@@ -269,17 +329,26 @@ def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: P
 
 
 def _finish(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer, plan: Plan,
-            norm_factor: float, folder: Path) -> None:
-    """Fold the normalisation into the SAE, evaluate it on held-out tokens, write the folder and plots."""
+            norm_factor: float) -> tuple[SAE, dict, dict | None]:
+    """Fold the normalisation into the SAE, check it is finite, evaluate it on held-out tokens: what its
+    folder gets (the SAE, config.json, eval_results.json)."""
     t, sae = recipe.train, trainer.sae
     sae.scale_biases(norm_factor)
+    check_finite(sae, f"layer {layer}, SAE {cfg.name}")
     config = folder_config(recipe, cache, layer, cfg, trainer, plan, norm_factor)
     eval_results = None
     if t.eval_tokens > 0:
         eval_results = _evaluate(sae, cache, layer, t, plan)
         eval_results["dead_latents_training"] = int((trainer.num_tokens_since_fired >= t.dead_feature_threshold).sum())
-    dl_format.save_folder(sae, folder, config, eval_results)
-    plot_curves(folder / METRICS, folder / CURVES, title=f"layer {layer} {cfg.name} ({cfg.arch}, width {cfg.width}, k {cfg.k})")
+    return sae, config, eval_results
+
+
+def check_finite(sae: SAE, what: str) -> None:
+    """Refuse to save an SAE with a NaN or Inf weight or threshold: it would load and silently give garbage."""
+    bad = [name for name, value in sae.state_dict().items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise WorkbenchError(f"{what}: {', '.join(bad)} hold NaN or Inf after training, so it was not written; the "
+                             "activations or the learning rate are bad (check the cache, or lower train.lr)")
 
 
 def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan) -> dict:
@@ -331,54 +400,66 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
     return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: workbench}
 
 
+def _made_by(folder: Path) -> str | None:
+    """The train fingerprint of the finished SAE in `folder` ("" for one the workbench did not train),
+    or None when it holds none (config.json is written after ae.pt, so a folder without it holds none)."""
+    config = read_json_object(folder / dl_format.CONFIG_FILE, fix="delete that SAE folder to train it again")
+    if config is None or not (folder / dl_format.AE_FILE).is_file():
+        return None
+    extra = config.get(dl_format.EXTRA_SECTION)
+    return str(extra.get("train_fingerprint") or "") if isinstance(extra, dict) else ""
+
+
 def _is_complete(folder: Path, plan: Plan, t: TrainConfig) -> bool:
     """A finished SAE of this very plan: its files are there and its config names the plan."""
     needed = [dl_format.AE_FILE, dl_format.CONFIG_FILE] + ([dl_format.EVAL_FILE] if t.eval_tokens > 0 else [])
-    if not all((folder / name).is_file() for name in needed):
-        return False
-    try:
-        extra = json.loads((folder / dl_format.CONFIG_FILE).read_text()).get(dl_format.EXTRA_SECTION, {})
-    except json.JSONDecodeError:
-        return False
-    return extra.get("train_fingerprint") == plan.fingerprint
+    return all((folder / name).is_file() for name in needed) and _made_by(folder) == plan.fingerprint
 
 
 def _write_checkpoint(acc, path: Path, plan: Plan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
     """All SAEs of the layer with their optimiser state, counters, data position (the step) and RNG,
-    written to a temporary file and renamed, so a kill at any moment leaves the previous one intact."""
-    if acc.is_main_process:
-        state = {"fingerprint": plan.fingerprint, "step": step, "norm_factor": norm_factor,
+    written atomically (files.write_atomic), so a kill or a full disk leaves the previous one intact."""
+    def write() -> None:
+        state = {"version": CHECKPOINT_VERSION, "fingerprint": plan.fingerprint, "step": step, "norm_factor": norm_factor,
                  "trainers": [trainer.state_dict() for trainer in trainers], "rng": _rng_state()}
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise WorkbenchError(f"cannot write checkpoint {path}: {str(err).splitlines()[0]}; free disk space "
-                                 "and re-run the same command to resume from the previous checkpoint") from None
-    acc.wait_for_everyone()
+        write_atomic(path, lambda fh: torch.save(state, fh),
+                     resume="re-run the same command to resume from the previous checkpoint")
+
+    on_main_first(acc, write)
 
 
-def _read_checkpoint(path: Path, plan: Plan) -> dict | None:
+def _read_checkpoint(path: Path, plan: Plan, n_saes: int) -> dict | None:
     if not path.is_file():
         return None
+    start_over = "delete it to start the layer over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # the weights-only unpickler refused it before anything in it ran
+        raise WorkbenchError(f"checkpoint {path} holds objects other than tensors and numbers, so it was refused without "
+                             f"running it; it was written by an older workbench or by someone else: {start_over}") from None
     except Exception as err:  # a truncated or foreign file: say which and how to recover
-        raise WorkbenchError(f"checkpoint {path} is unreadable ({str(err).splitlines()[0][:200]}); "
-                             "delete it to start the layer over") from None
+        first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise WorkbenchError(f"checkpoint {path} is unreadable ({first}); {start_over}") from None
+    if not isinstance(state, dict):
+        raise WorkbenchError(f"checkpoint {path} is not a workbench training checkpoint; {start_over}")
     if state.get("fingerprint") != plan.fingerprint:
         raise WorkbenchError(f"checkpoint {path} was written by a different train recipe or cache; restore that "
                              "recipe to resume, or delete the checkpoint to start the layer over")
+    trainers = state.get("trainers")
+    if state.get("version") != CHECKPOINT_VERSION or not isinstance(trainers, list) or len(trainers) != n_saes:
+        raise WorkbenchError(f"checkpoint {path} is from another workbench version (format {state.get('version', 1)}, "
+                             f"this one reads {CHECKPOINT_VERSION}); {start_over}")
     return state
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and numbers (torch.load(weights_only=True) reads no numpy arrays)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, words, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian)},
+             "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss_next": gauss_next}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -386,29 +467,47 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["words"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _append_metrics(path: Path, entry: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(entry) + "\n")
+    """One line a log step, appended (a live log: rewriting it atomically each time would cost the square
+    of its length); a kill can leave a torn last line, which the readers skip."""
+    try:
+        with open(path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+    except OSError as err:
+        raise write_error(path, err, resume="re-run the same command to resume from the last checkpoint") from None
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep the log lines of steps up to `step` (a resumed run rewrites what came after its checkpoint)."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    if path.is_file():
+        write_text(path, "".join(json.dumps(row) + "\n" for row in read_metrics(path) if row["step"] <= step))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
     """metrics.jsonl as a list of dicts: step, tokens, loss, mse, auxk_loss, l0, frac_variance_explained,
-    dead, threshold, lr, k, tokens_per_s."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    dead, threshold, lr, k, tokens_per_s. A torn last line (a kill while it was appended) is left out."""
+    path = Path(path)
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise WorkbenchError(f"{path} line {i + 1} is not JSON; delete the file (it is only the training log)") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise WorkbenchError(f"{path} line {i + 1} is not a training log entry; delete the file (it is only the training log)")
+        rows.append(row)
+    return rows
 
 
 def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> None:
@@ -443,7 +542,7 @@ def plot_curves(metrics_path: Path, png_path: Path, title: str = "") -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        write_atomic(png_path, lambda fh: fig.savefig(fh, format="png", dpi=80))
+    finally:
+        plt.close(fig)

@@ -146,6 +146,9 @@ class Trainer:
         self.step = 0
         self.num_tokens_since_fired = torch.zeros(sae.dict_size, dtype=torch.long, device=device)
         self.dead = 0  # latents dead at the last step
+        # The first step (1-based) whose loss was NaN or Inf, 0 while none was: kept on the device so
+        # that watching for it costs no synchronisation a step (read by `nonfinite_step`).
+        self._nonfinite_at = torch.zeros((), dtype=torch.long, device=device)
 
     def update(self, x_BD: torch.Tensor, log: bool = False) -> dict[str, float]:
         """One step on this process's share x_BD [B, D] of the global batch (already normalised).
@@ -173,6 +176,8 @@ class Trainer:
         self.num_tokens_since_fired[fired_F] = 0
         auxk = self._auxk_loss(x_BD, (x_BD - x_hat_BD).detach(), hidden_pre_BF)
         loss = mse + self.auxk_alpha * auxk
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite_at = torch.where(bad & (self._nonfinite_at == 0), step + 1, self._nonfinite_at)
         loss.backward()
 
         # Gradient step on the sphere of unit decoder directions.
@@ -229,6 +234,13 @@ class Trainer:
         mu_D = comm.batch_mean(residual_BD)
         denominator = comm.batch_mean((residual_BD - mu_D).pow(2).sum(dim=-1))
         return (l2_aux / denominator).nan_to_num(0.0)
+
+    def nonfinite_step(self) -> int | None:
+        """The first step (1-based) at which the loss of any process was NaN or Inf, or None. A
+        collective under data parallelism: every process must call it at the same step."""
+        at_W = self.comm.cat(self._nonfinite_at.reshape(1))
+        bad_W = at_W[at_W > 0]
+        return int(bad_W.min()) if bad_W.numel() else None
 
     def _update_threshold(self, vals_N: torch.Tensor) -> None:
         """EMA of the smallest kept (positive) value of the global batch; a batch with none counts 0."""
