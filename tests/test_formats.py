@@ -180,10 +180,11 @@ def test_saelens_without_folds_converts_back_to_the_same_tensors_and_cfg(tmp_pat
     assert json.loads((src / saelens.CFG_FILE).read_text()) == json.loads((tmp_path / "sl2" / saelens.CFG_FILE).read_text())
 
 
-def test_constant_threshold_needs_k_for_batchtopk(tmp_path):
+def test_constant_threshold_is_batchtopk_only_with_a_k(tmp_path):
+    """Without a training k the same SAE is a JumpReluAutoEncoder (tests/test_convert_errors.py proves it
+    against both libraries); with --k it is a BatchTopKSAE."""
     src = saelens_folder(tmp_path / "sl", threshold=torch.full((F,), 0.2))
-    with pytest.raises(WorkbenchError, match="pass --k K"):
-        convert(src, "dictionary_learning", tmp_path / "dl")
+    assert convert(src, "dictionary_learning", tmp_path / "jump") == "JumpReluAutoEncoder"
     assert convert(src, "dictionary_learning", tmp_path / "dl", k=K) == "BatchTopKSAE"
     assert int(state(tmp_path / "dl")["k"]) == K and float(state(tmp_path / "dl")["threshold"]) == pytest.approx(0.2)
     with pytest.raises(WorkbenchError, match="contradicts"):

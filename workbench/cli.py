@@ -221,9 +221,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from workbench.formats.convert import convert
+    from workbench.formats.convert import convert_explained
 
-    print(f"{args.src} -> {args.out} ({args.to} {convert(args.src, args.to, args.out, k=args.k)})")
+    written, reason = convert_explained(args.src, args.to, args.out, k=args.k)
+    print(f"{args.src} -> {args.out}: wrote {args.to} {written}: {reason}")
     return 0
 
 

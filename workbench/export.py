@@ -10,7 +10,9 @@ A training run is `<train.out>/resid_post_layer_<L>/<name>/{ae.pt, config.json, 
                          rates, sparsity.safetensors
 
 and DIR/README.md, the model card. An SAE whose threshold was never set (-1: it would run as a dense
-ReLU SAE) is refused unless allow_uncalibrated.
+ReLU SAE) is refused unless allow_uncalibrated. DIR must be new, empty, or an earlier export of the
+same run to the same format (then it is rewritten, and what this export no longer writes is deleted:
+see formats/output.py), so an export folder never mixes two runs.
 """
 
 from __future__ import annotations
@@ -22,13 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.files import write_atomic, write_text
 from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
 from workbench.formats.convert import find_sae_folders
+from workbench.formats.output import write_output
 from workbench.formats.weights import hook_name
 from workbench.model_card import render_model_card
 
 TARGETS = ("dictionary_learning", "saelens")
+CARD_FILE = "README.md"
+DL_FILES = (dl.AE_FILE, dl.CONFIG_FILE, dl.EVAL_FILE)  # what a published dictionary_learning series folder holds
+COPY_CHUNK = 16 << 20
 
 
 @dataclass
@@ -65,7 +72,11 @@ def find_run_saes(run_dir: str | Path) -> list[Path]:
 
 def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated: bool = False,
                series_name: str | None = None) -> list[ExportedSAE]:
-    """Export every SAE under run_dir to format `to` under `out`, plus the model card `out/README.md`."""
+    """Export every SAE under run_dir to format `to` under `out`, plus the model card `out/README.md`.
+
+    Every SAE is read and checked before anything is written; `out` is claimed as
+    `formats.output.write_output` says (new, empty, or an earlier export of this run to this format,
+    which is rewritten and loses the files this export no longer writes)."""
     if to not in TARGETS:
         raise WorkbenchError(f"--to must be one of {', '.join(TARGETS)} (got {to!r})")
     run_dir, out = Path(run_dir), Path(out)
@@ -73,6 +84,10 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
         raise WorkbenchError(f"--out {out} is inside the run {run_dir}; export to a folder outside it")
     folders = find_run_saes(run_dir)
     sources = [_describe(folder) for folder in folders]
+    no_layer = [str(f) for f, s in zip(folders, sources, strict=True) if s["layer"] is None]
+    if no_layer:
+        raise WorkbenchError(f"{', '.join(no_layer)}: config.json records no trainer.layer, which names the SAE in an "
+                             "export; set it to the SAE's layer")
     uncalibrated = [str(f) for f, s in zip(folders, sources, strict=True) if s["threshold"] is not None and s["threshold"] < 0]
     if uncalibrated and not allow_uncalibrated:
         raise WorkbenchError(f"{len(uncalibrated)} SAE(s) have no JumpReLU threshold (-1, they would run as dense ReLU "
@@ -83,44 +98,66 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
     per_layer: dict[int | None, int] = {}
     for s in sources:
         per_layer[s["layer"]] = per_layer.get(s["layer"], 0) + 1
+    ids: dict[str, Path] = {}
+    files = [CARD_FILE]
+    for folder, s in zip(folders, sources, strict=True):
+        s["sae_id"] = export_id(to, series, s["layer"], folder.name, several_in_layer=per_layer[s["layer"]] > 1)
+        if s["sae_id"] in ids:
+            raise WorkbenchError(f"{ids[s['sae_id']]} and {folder} would both export to {out / s['sae_id']} (same layer "
+                                 "and folder name); rename one of the folders")
+        ids[s["sae_id"]] = folder
+        names = ([n for n in DL_FILES if (folder / n).is_file()] if to == "dictionary_learning"
+                 else saelens.folder_files(s["weights"]))
+        files += [f"{s['sae_id']}/{n}" for n in names]
+    return write_output(out, run_dir, "export", to, files, lambda: _write_all(folders, sources, to, out, series))
+
+
+def _write_all(folders: list[Path], sources: list[dict], to: str, out: Path, series: str) -> list[ExportedSAE]:
     exported = []
     for folder, s in zip(folders, sources, strict=True):
-        sae_id = export_id(to, series, s["layer"], folder.name, several_in_layer=per_layer[s["layer"]] > 1)
-        dest = out / sae_id
+        dest = out / s["sae_id"]
         if to == "dictionary_learning":
-            dest.mkdir(parents=True, exist_ok=True)
-            for name in (dl.AE_FILE, dl.CONFIG_FILE, dl.EVAL_FILE):
+            for name in DL_FILES:
                 if (folder / name).is_file():
-                    shutil.copyfile(folder / name, dest / name)
+                    _copy(folder / name, dest / name)
         else:
-            weights = dl.read_weights(folder)
+            weights = s["weights"]
             if weights.info.prepend_bos is None:
                 weights.info.prepend_bos = _prepend_bos(weights.info.workbench.get("cache"))
             saelens.write_weights(weights, dest)
-        exported.append(ExportedSAE(source=folder, folder=dest, sae_id=sae_id, name=folder.name, layer=s["layer"],
+        exported.append(ExportedSAE(source=folder, folder=dest, sae_id=s["sae_id"], name=folder.name, layer=s["layer"],
                                     dict_class=s["dict_class"], width=s["width"], k=s["k"], group_sizes=s["group_sizes"],
                                     threshold=s["threshold"], threshold_method=s["threshold_method"],
                                     l0=s["l0"], fve=s["fve"], frac_recovered=s["frac_recovered"],
                                     kl_div=s["kl_div"]))
-    config = dl.read_config(folders[0])
-    card = render_model_card(exported, to, series, config)
-    dl.write_atomic(out / "README.md", lambda p: p.write_text(card))
+    write_text(out / CARD_FILE, render_model_card(exported, to, series, dl.read_config(folders[0])))
     return exported
 
 
+def _copy(src: Path, dst: Path) -> None:
+    """Copy a file byte for byte, atomically (a failed copy leaves no partial file under dst's name)."""
+    try:
+        fh_src = open(src, "rb")
+    except OSError as err:
+        raise WorkbenchError(f"cannot read {src}: {err.strerror}; check the run folder") from None
+    with fh_src:
+        write_atomic(dst, lambda fh: shutil.copyfileobj(fh_src, fh, COPY_CHUNK))
+
+
 def _describe(folder: Path) -> dict:
-    """What the export and the model card need from one SAE folder, reading ae.pt memory-mapped."""
+    """What the export and the model card need from one SAE folder, checked (dl.read_weights, the matrices
+    memory-mapped, not read)."""
     config = dl.read_config(folder)
     trainer = config["trainer"]
-    state = dl.load_state_dict(folder / dl.AE_FILE, mmap=True)
-    threshold = float(state["threshold"]) if state.get("threshold") is not None and state["threshold"].dim() == 0 else None
-    width = trainer.get("dict_size")
-    if width is None:
-        width = (state["encoder.weight"].shape[0] if "encoder.weight" in state else state["W_enc"].shape[1])
-    evals = dl.read_json(folder / dl.EVAL_FILE) or {}
-    history = (config.get(dl.EXTRA_SECTION) or {}).get("threshold") or {}
-    return {"layer": trainer.get("layer"), "model": trainer.get("lm_name"), "dict_class": trainer["dict_class"], "width": int(width),
-            "k": trainer.get("k"), "group_sizes": trainer.get("group_sizes"), "threshold": threshold,
+    weights = dl.read_weights(folder)
+    # Only the BatchTopK classes have a scalar JumpReLU threshold, -1 until calibrated.
+    threshold = weights.constant_threshold() if trainer["dict_class"] in dl.TRAINER_CLASS else None
+    evals = weights.info.eval_results or {}
+    history = (config.get(dl.EXTRA_SECTION) or {}).get("threshold")
+    history = history if isinstance(history, dict) else {}
+    return {"weights": weights, "layer": trainer.get("layer"), "model": trainer.get("lm_name"),
+            "dict_class": trainer["dict_class"], "width": weights.dict_size, "k": weights.k,
+            "group_sizes": weights.group_sizes, "threshold": threshold,
             "threshold_method": history.get("method", "ema" if threshold is not None and threshold >= 0 else None),
             "l0": evals.get("l0"), "fve": evals.get("frac_variance_explained"),
             "frac_recovered": evals.get("frac_recovered"), "kl_div": evals.get("kl_div")}

@@ -8,9 +8,14 @@ folded exactly (see `write_weights` in each format module). Supported:
 
     dictionary_learning BatchTopKSAE, MatryoshkaBatchTopKSAE  <->  SAELens jumprelu (constant threshold;
                                                                 k and Matryoshka widths in metadata)
-    dictionary_learning JumpReluAutoEncoder                   <->  SAELens jumprelu (per-latent threshold)
+    dictionary_learning JumpReluAutoEncoder                   <->  SAELens jumprelu (per-latent threshold,
+                                                                or a constant one with no k recorded)
     dictionary_learning AutoEncoderTopK                       <->  SAELens topk
     dictionary_learning AutoEncoder                           <->  SAELens standard
+
+The output folder is claimed as `output.write_output` says: a new or empty folder, or the earlier
+output of the same conversion (rewritten, with files it no longer writes deleted); anything else is
+refused.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import nn
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
-from workbench.formats.weights import InferenceSAE, SAEWeights
+from workbench.formats.output import write_output
+from workbench.formats.weights import InferenceSAE, SAEWeights, check_k
 from workbench.sae import SAE
 
 FORMATS = ("dictionary_learning", "saelens")
@@ -36,10 +42,19 @@ def detect_format(folder: str | Path) -> str:
     if not folder.is_dir():
         raise WorkbenchError(f"{folder} is not a directory; give an SAE folder")
     found = [fmt for fmt, files in OWN_FILES.items() if all((folder / f).is_file() for f in files)]
-    if len(found) != 1:
-        what = "both formats' files" if found else "neither ae.pt + config.json nor cfg.json + sae_weights.safetensors"
-        raise WorkbenchError(f"{folder} holds {what}; give one SAE folder in one format")
-    return found[0]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise WorkbenchError(f"{folder} holds both formats' files; give one SAE folder in one format")
+    partial = [(fmt, [f for f in files if not (folder / f).is_file()]) for fmt, files in OWN_FILES.items()
+               if any((folder / f).is_file() for f in files)]
+    if partial:
+        fmt, missing = partial[0]
+        raise WorkbenchError(f"{folder} has {' and '.join(f for f in OWN_FILES[fmt] if f not in missing)} but no "
+                             f"{' and no '.join(missing)}, so it is not a complete {fmt} SAE folder; copy the missing "
+                             "file beside it or re-export the SAE")
+    raise WorkbenchError(f"{folder} holds neither ae.pt + config.json nor cfg.json + sae_weights.safetensors; give one "
+                         "SAE folder in one format")
 
 
 def find_sae_folders(root: str | Path, formats: tuple[str, ...] = FORMATS, complete: bool = True) -> list[Path]:
@@ -59,20 +74,26 @@ def find_sae_folders(root: str | Path, formats: tuple[str, ...] = FORMATS, compl
     return sorted(folders)
 
 
-def read_weights(folder: str | Path, k: int | None = None) -> SAEWeights:
-    """Any supported SAE folder as SAEWeights; `k` supplies (or must equal) a BatchTopK SAE's k."""
+def read_weights(folder: str | Path, k: int | None = None, k_name: str = "--k") -> SAEWeights:
+    """Any supported SAE folder as SAEWeights; `k` supplies (or must equal) a BatchTopK SAE's training k,
+    and must be from 1 to d_sae. k_name: where `k` came from, for errors."""
     folder = Path(folder)
     fmt = detect_format(folder)
     weights = dl.read_weights(folder) if fmt == "dictionary_learning" else saelens.read_weights(folder)
     if k is not None:
         if weights.k is not None and weights.k != k:
-            raise WorkbenchError(f"{folder} records k={weights.k}; --k {k} contradicts it")
-        weights.k = k
+            raise WorkbenchError(f"{folder} records k={weights.k}; {k_name} {k} contradicts it")
+        weights.k = check_k(k, weights.dict_size, k_name, "give the k the SAE was trained with")
     return weights
 
 
 def convert(src: str | Path, to: str, out: str | Path, k: int | None = None) -> str:
     """Convert one SAE folder into format `to` at `out`; returns what was written (e.g. 'BatchTopKSAE')."""
+    return convert_explained(src, to, out, k)[0]
+
+
+def convert_explained(src: str | Path, to: str, out: str | Path, k: int | None = None) -> tuple[str, str]:
+    """`convert`, returning what was written and why that class or architecture (for the CLI's line)."""
     if to not in FORMATS:
         raise WorkbenchError(f"--to must be one of {', '.join(FORMATS)} (got {to!r})")
     src, out = Path(src), Path(out)
@@ -80,12 +101,17 @@ def convert(src: str | Path, to: str, out: str | Path, k: int | None = None) -> 
         raise WorkbenchError(f"{src} is already a {to} folder; copy it instead")
     if out.resolve() == src.resolve():
         raise WorkbenchError(f"--out {out} is the source folder; choose another directory")
-    stale = [name for name in (dl.AE_FILE, dl.CONFIG_FILE, saelens.CFG_FILE, saelens.WEIGHTS_FILE)
-             if (out / name).is_file() and name not in (OWN_FILES[to])]
-    if stale:
-        raise WorkbenchError(f"--out {out} already holds {', '.join(stale)} (an SAE in another format); choose an empty folder")
     weights = read_weights(src, k=k)
-    return dl.write_weights(weights, out) if to == "dictionary_learning" else saelens.write_weights(weights, out)
+    if k is not None and weights.activation != "topk" and weights.constant_threshold() is None:
+        what = "per-latent JumpReLU thresholds" if weights.activation == "jumprelu" else "a plain ReLU activation"
+        raise WorkbenchError(f"{src} has {what}, so a training k means nothing for it (--k is for an SAE with one "
+                             "constant JumpReLU threshold); drop --k")
+    if to == "dictionary_learning":
+        (written, reason), files, write = dl.dict_class_for(weights), dl.folder_files(weights), dl.write_weights
+    else:
+        (written, reason), files, write = saelens.architecture_for(weights), saelens.folder_files(weights), saelens.write_weights
+    write_output(out, src, "convert", to, files, lambda: write(weights, out))
+    return written, reason
 
 
 def load_trainable(folder: str | Path, k: int | None = None) -> SAE:
@@ -95,7 +121,7 @@ def load_trainable(folder: str | Path, k: int | None = None) -> SAE:
     folder = Path(folder)
     if detect_format(folder) == "dictionary_learning":
         return dl.load_folder(folder)[0]
-    dict_class, state = dl.state_dict_for(read_weights(folder, k=k))
+    dict_class, state = dl.state_dict_for(read_weights(folder, k=k, k_name="the training k"))
     return dl.sae_from_state(dict_class, state, folder)
 
 

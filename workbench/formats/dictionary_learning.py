@@ -22,20 +22,25 @@ Two ways in: `load_folder` gives the workbench's trainable BatchTopK / Matryoshk
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from workbench.errors import WorkbenchError
+from workbench.files import read_json_object, write_atomic, write_json
 from workbench.formats.weights import (
     SAEInfo,
     SAEWeights,
     Scaled,
+    check_dtypes,
+    check_k,
+    check_shapes,
+    check_sizes,
     hook_name,
     materialize,
     materialize_T,
@@ -90,22 +95,35 @@ def buffer_section(d_model: int, ctx_len: int, n_ctxs: int, refresh_batch_size: 
 def save_folder(sae: SAE, folder: str | Path, config: dict, eval_results: dict | None = None) -> None:
     """Write ae.pt (CPU float tensors, state-dict contract) and config.json (indent 4), atomically each."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}
-    write_atomic(folder / AE_FILE, lambda p: torch.save(state, p))
-    write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
+    write_atomic(folder / AE_FILE, lambda fh: save_state(state, fh))
+    write_json(folder / CONFIG_FILE, config, indent=4)
     if eval_results is not None:
-        write_atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(eval_results, indent=4)))
+        write_json(folder / EVAL_FILE, eval_results, indent=4)
 
 
-def write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def save_state(state: dict[str, torch.Tensor], fh: BinaryIO) -> None:
+    """torch.save(state, fh), except that a failed write (a full disk, a file-size limit) raises the OSError
+    that caused it: torch reports it only as a RuntimeError about stream positions."""
+    failures: list[OSError] = []
+
+    class Writer:
+        def write(self, data: bytes) -> int | None:
+            try:
+                return fh.write(data)
+            except OSError as err:
+                failures.append(err)
+                raise
+
+        def flush(self) -> None:
+            fh.flush()
+
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise WorkbenchError(f"cannot write {path}: {str(err).splitlines()[0]}; free space or choose another output directory") from None
+        torch.save(state, Writer())
+    except RuntimeError:
+        if failures:
+            raise failures[0] from None
+        raise
 
 
 def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -141,57 +159,57 @@ def _unpickler_reason(err: Exception) -> str:
 
 
 def read_config(folder: str | Path) -> dict:
+    """config.json, with the sections the workbench reads checked to be JSON objects."""
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise WorkbenchError(f"{path} does not exist; a dictionary_learning SAE folder has ae.pt and config.json")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WorkbenchError(f"{path} is not valid JSON ({err}); fix or re-export it") from None
-    if "trainer" not in config or "dict_class" not in config["trainer"]:
+    config = read_json_object(path, fix="a dictionary_learning SAE folder has ae.pt and config.json: fix or re-export it",
+                              missing_ok=False)
+    if not isinstance(config.get("trainer"), dict) or not isinstance(config["trainer"].get("dict_class"), str):
         raise WorkbenchError(f"{path} has no trainer.dict_class; it is not a dictionary_learning config")
+    for section in ("buffer", EXTRA_SECTION):
+        if not isinstance(config.get(section) or {}, dict):
+            raise WorkbenchError(f"{path}: {section} is a JSON {type(config[section]).__name__}, not an object; fix or "
+                                 "re-export it")
+    layer = config["trainer"].get("layer")
+    if layer is not None and (type(layer) is not int or layer < 0):
+        raise WorkbenchError(f"{path}: trainer.layer {layer!r} is not a layer number; fix or re-export it")
     return config
 
 
 def load_folder(folder: str | Path) -> tuple[SAE, dict]:
     """Load a BatchTopKSAE / MatryoshkaBatchTopKSAE folder strictly, as dictionary_learning would."""
     folder = Path(folder)
-    config = read_config(folder)
-    state = load_state_dict(folder / AE_FILE)
-    return sae_from_state(config["trainer"]["dict_class"], state, folder, config["trainer"].get("k")), config
+    config, state = read_checked(folder, mmap=False)
+    return sae_from_state(config["trainer"]["dict_class"], state, folder), config
 
 
-def sae_from_state(dict_class: str, state: dict[str, torch.Tensor], folder: Path, k_cfg: int | None = None) -> SAE:
-    """The trainable module for a BatchTopKSAE / MatryoshkaBatchTopKSAE state dict (ae.pt's keys), loaded
-    strictly; `folder` names the source in errors and k_cfg, when given, is the k its config records."""
-    try:
-        if dict_class == "BatchTopKSAE":
-            dict_size, activation_dim = state["encoder.weight"].shape
-            sae: SAE = BatchTopKSAE(activation_dim, dict_size, int(state["k"]))
-        elif dict_class == "MatryoshkaBatchTopKSAE":
-            activation_dim, dict_size = state["W_enc"].shape
-            sae = MatryoshkaBatchTopKSAE(activation_dim, dict_size, int(state["k"]), state["group_sizes"].tolist())
-        else:
-            raise WorkbenchError(f"{folder}: dict_class {dict_class} is not a BatchTopK SAE; "
-                                 "convert it with `workbench convert` or train a BatchTopK/Matryoshka SAE")
-        if k_cfg is not None and int(k_cfg) != int(state["k"]):
-            raise WorkbenchError(f"{folder}: config k={k_cfg} but ae.pt has k={int(state['k'])}; the folder is inconsistent")
-        sae.load_state_dict(state, strict=True)
-    except KeyError as err:
-        raise WorkbenchError(f"{folder / AE_FILE} lacks tensor {err} for {dict_class}; it is not a {dict_class} state dict") from None
-    except RuntimeError as err:
-        raise WorkbenchError(f"{folder / AE_FILE} does not fit {dict_class}: {str(err).splitlines()[0]}") from None
+def sae_from_state(dict_class: str, state: dict[str, torch.Tensor], folder: Path) -> SAE:
+    """The trainable module for a checked BatchTopKSAE / MatryoshkaBatchTopKSAE state dict (ae.pt's keys:
+    `read_checked`, or `state_dict_for`), loaded strictly; `folder` names the source in errors."""
+    if dict_class == "BatchTopKSAE":
+        dict_size, activation_dim = state["encoder.weight"].shape
+        sae: SAE = BatchTopKSAE(activation_dim, dict_size, int(state["k"]))
+    elif dict_class == "MatryoshkaBatchTopKSAE":
+        activation_dim, dict_size = state["W_enc"].shape
+        sae = MatryoshkaBatchTopKSAE(activation_dim, dict_size, int(state["k"]), state["group_sizes"].tolist())
+    else:
+        raise WorkbenchError(f"{folder}: dict_class {dict_class} is not a BatchTopK SAE; "
+                             "convert it with `workbench convert` or train a BatchTopK/Matryoshka SAE")
+    sae.load_state_dict(state, strict=True)
     return sae
 
 
 # ---- conversion: every supported dictionary_learning class <-> SAEWeights ----
 
+# Each class's state dict: its keys, in torch.save order, with their dimensions (weights.check_shapes:
+# D = activation_dim, F = dict_size, G = the number of Matryoshka groups, "" = 0-d).
+_TOPK_LAYOUT = {"b_dec": "D", "k": "", "threshold": "", "decoder.weight": "DF", "encoder.weight": "FD", "encoder.bias": "F"}
 STATE_KEYS = {
-    "BatchTopKSAE": ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias"),
-    "AutoEncoderTopK": ("b_dec", "k", "threshold", "decoder.weight", "encoder.weight", "encoder.bias"),
-    "MatryoshkaBatchTopKSAE": ("W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"),
-    "JumpReluAutoEncoder": ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"),
-    "AutoEncoder": ("bias", "encoder.weight", "encoder.bias", "decoder.weight"),
+    "BatchTopKSAE": _TOPK_LAYOUT,
+    "AutoEncoderTopK": _TOPK_LAYOUT,
+    "MatryoshkaBatchTopKSAE": {"W_enc": "DF", "b_enc": "F", "W_dec": "FD", "b_dec": "D", "k": "", "threshold": "",
+                               "group_sizes": "G"},
+    "JumpReluAutoEncoder": {"W_enc": "DF", "b_enc": "F", "W_dec": "FD", "b_dec": "D", "threshold": "F"},
+    "AutoEncoder": {"bias": "D", "encoder.weight": "FD", "encoder.bias": "F", "decoder.weight": "DF"},
 }
 
 # dictionary_learning's trainer config keys per class, in its order (values a converted SAE cannot
@@ -223,36 +241,30 @@ def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
     `load_dictionary` gives (an AutoEncoder's decoder renormalised as its loader does). The weight
     matrices stay memory-mapped views (mmap=True) until a writer reads them."""
     folder = Path(folder)
-    config = read_config(folder)
+    config, state = read_checked(folder, mmap=mmap)
     trainer = config["trainer"]
     dict_class = trainer["dict_class"]
-    if dict_class not in STATE_KEYS:
-        raise WorkbenchError(f"{folder}: dict_class {dict_class} is not supported (supported: {', '.join(STATE_KEYS)}); "
-                             "it has no lossless mapping in the workbench")
-    state = load_state_dict(folder / AE_FILE, mmap=mmap)
-    _check_keys(folder, dict_class, state)
     extra = dict(config.get(EXTRA_SECTION) or {})
     converted = extra.pop("converted_from", None) or {}
     info = SAEInfo(
-        model_name=trainer.get("lm_name"), layer=trainer.get("layer"), context_size=config.get("buffer", {}).get("ctx_len"),
+        model_name=trainer.get("lm_name"), layer=trainer.get("layer"), context_size=(config.get("buffer") or {}).get("ctx_len"),
         dataset_path=extra.get("dataset"), prepend_bos=extra.get("prepend_bos"), workbench=extra,
-        eval_results=read_json(folder / EVAL_FILE),
+        eval_results=read_json_object(folder / EVAL_FILE, fix="fix or delete it"),
         # A folder converted from SAELens carries that cfg home; an original folder carries its own
         # config, so a round trip restores whichever was the original.
         dl_config=None if converted else {k: v for k, v in config.items() if k != EXTRA_SECTION},
         saelens_cfg=converted.get("cfg") if converted.get("format") == "saelens" else None)
     if info.layer is not None:
         info.hook_name = hook_name(info.layer)
-    sparsity = read_sparsity(folder)
-    k = _k(folder, trainer, state) if "k" in STATE_KEYS[dict_class] else None
+    F = dict_size(dict_class, state)
+    sparsity = read_sparsity(folder, F)
+    k = int(state["k"]) if "k" in STATE_KEYS[dict_class] else None
     if dict_class in ("BatchTopKSAE", "AutoEncoderTopK"):
-        F = state["encoder.weight"].shape[0]
         return SAEWeights(
             W_enc_DF=state["encoder.weight"].T, b_enc_F=state["encoder.bias"], W_dec_FD=state["decoder.weight"].T,
             b_dec_D=state["b_dec"], activation="jumprelu" if dict_class == "BatchTopKSAE" else "topk",
             threshold_F=state["threshold"].expand(F), k=k, sparsity_F=sparsity, info=info)
     if dict_class == "MatryoshkaBatchTopKSAE":
-        F = state["W_enc"].shape[1]
         return SAEWeights(
             W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
             activation="jumprelu", threshold_F=state["threshold"].expand(F), k=k,
@@ -273,72 +285,114 @@ def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
                       activation="relu", sparsity_F=sparsity, info=info)
 
 
-def _check_keys(folder: Path, dict_class: str, state: dict[str, torch.Tensor]) -> None:
-    """dictionary_learning loads strictly: the same keys, no more, no fewer."""
-    want, have = set(STATE_KEYS[dict_class]), set(state)
-    if want != have:
+def read_checked(folder: Path, mmap: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and ae.pt, checked against each other as dictionary_learning's strict loader would
+    need them: a supported class, exactly its tensors, shapes that agree (weights.check_shapes) with each
+    other and with config.json's sizes (weights.check_sizes), one float dtype, and a k (and Matryoshka
+    groups) that fit the dictionary. Every failure is one WorkbenchError naming the file."""
+    config = read_config(folder)
+    trainer = config["trainer"]
+    dict_class = trainer["dict_class"]
+    if dict_class not in STATE_KEYS:
+        raise WorkbenchError(f"{folder}: dict_class {dict_class} is not supported (supported: {', '.join(STATE_KEYS)}); "
+                             "it has no lossless mapping in the workbench")
+    path = folder / AE_FILE
+    state = load_state_dict(path, mmap=mmap)
+    layout = STATE_KEYS[dict_class]
+    want, have = set(layout), set(state)
+    if want != have:  # dictionary_learning loads strictly: the same keys, no more, no fewer
         missing, extra = sorted(want - have), sorted(have - want)
-        raise WorkbenchError(f"{folder / AE_FILE} is not a {dict_class} state dict (missing {missing or 'none'}, "
+        raise WorkbenchError(f"{path} is not a {dict_class} state dict (missing {missing or 'none'}, "
                              f"unexpected {extra or 'none'}); check config.json's trainer.dict_class")
+    D, F = check_shapes(path, {name: tuple(t.shape) for name, t in state.items()}, layout)
+    check_sizes(folder / CONFIG_FILE, D, F, {"trainer.activation_dim": (trainer.get("activation_dim"), "D"),
+                                             "trainer.dict_size": (trainer.get("dict_size"), "F"),
+                                             "buffer.d_submodule": ((config.get("buffer") or {}).get("d_submodule"), "D")},
+                required=False)
+    check_dtypes(path, {name: state[name].dtype for name, dims in layout.items() if dims not in ("", "G")})
+    if "k" in layout:
+        k = check_k(state["k"].item(), F, f"{path}: k", "re-export it")
+        if trainer.get("k") is not None and trainer["k"] != k:
+            raise WorkbenchError(f"{folder}: config k={trainer['k']!r} but ae.pt has k={k}; the folder is inconsistent: "
+                                 "fix trainer.k or re-export it")
+    if "group_sizes" in layout:
+        groups = state["group_sizes"].tolist()
+        if state["group_sizes"].is_floating_point() or min(groups, default=0) <= 0 or sum(groups) != F:
+            raise WorkbenchError(f"{path}: group_sizes {groups} are not positive integers summing to dict_size {F}; "
+                                 "re-export it")
+    return config, state
 
 
-def _k(folder: Path, trainer: dict, state: dict[str, torch.Tensor]) -> int:
-    k = int(state["k"])
-    if trainer.get("k") is not None and int(trainer["k"]) != k:
-        raise WorkbenchError(f"{folder}: config k={trainer['k']} but ae.pt has k={k}; the folder is inconsistent")
-    return k
+def dict_size(dict_class: str, state: dict[str, torch.Tensor]) -> int:
+    """F of a checked state dict of `dict_class`."""
+    return state["encoder.weight"].shape[0] if "encoder.weight" in STATE_KEYS[dict_class] else state["W_enc"].shape[1]
 
 
-def read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WorkbenchError(f"{path} is not valid JSON ({err}); fix or delete it") from None
-
-
-def read_sparsity(folder: Path) -> torch.Tensor | None:
+def read_sparsity(folder: Path, F: int) -> torch.Tensor | None:
     """sparsity.safetensors beside the weights (either format): per-latent log10 firing frequency [F], or None."""
     path = folder / SPARSITY_FILE
     if not path.is_file():
         return None
     try:
-        return load_file(str(path))["sparsity"]
+        tensors = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for every kind of damage
         raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
+    sparsity = tensors.get("sparsity")
+    if sparsity is None or tuple(sparsity.shape) != (F,) or not sparsity.is_floating_point():
+        have = ", ".join(f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in tensors.items()) or "nothing"
+        raise WorkbenchError(f"{path} holds {have}, not a float sparsity [{F}] (one value per latent); delete or "
+                             "re-export it")
+    return sparsity
 
 
 def write_sparsity(folder: Path, sparsity_F: torch.Tensor) -> None:
     """Write sparsity.safetensors ({"sparsity": [F]}, SAELens' file) into folder, atomically."""
-    write_atomic(folder / SPARSITY_FILE, lambda p: save_file({"sparsity": sparsity_F.contiguous()}, str(p)))
+    write_atomic(folder / SPARSITY_FILE, lambda fh: fh.write(safetensors_bytes({"sparsity": sparsity_F.contiguous()})))
 
 
-def dict_class_for(weights: SAEWeights) -> str:
-    """The dictionary_learning class that represents these weights exactly (or a WorkbenchError saying why none does)."""
+def dict_class_for(weights: SAEWeights) -> tuple[str, str]:
+    """The dictionary_learning class that represents these weights exactly, and why it is that one.
+
+    A JumpReLU SAE with one constant threshold is also a BatchTopKSAE (or, with group sizes, a
+    MatryoshkaBatchTopKSAE), but only when its training k is known; without it, JumpReluAutoEncoder
+    (a per-latent threshold that happens to be constant) holds the same SAE exactly."""
     if weights.activation == "topk":
-        return "AutoEncoderTopK"
+        return "AutoEncoderTopK", f"top-k activation, k={weights.k}"
     if weights.activation == "relu":
-        return "AutoEncoder"
-    if weights.constant_threshold() is None:
-        return "JumpReluAutoEncoder"
+        norms_F = row_norms(weights.W_dec_FD)
+        if not weights.rescale_acts_by_decoder_norm and not torch.allclose(norms_F, torch.ones_like(norms_F)):
+            raise WorkbenchError("dictionary_learning's AutoEncoder renormalises decoder rows to unit norm when it loads, "
+                                 "which would rescale this SAE's latents; fold the decoder norms first "
+                                 "(SAELens: sae.fold_W_dec_norm(), then save_model) and convert that")
+        return "AutoEncoder", "plain ReLU activation with unit-norm decoder rows"
+    constant = weights.constant_threshold()
+    if constant is None:
+        return "JumpReluAutoEncoder", "per-latent JumpReLU thresholds"
     if weights.k is None:
-        raise WorkbenchError("the SAE has one constant JumpReLU threshold, so it converts to dictionary_learning's "
-                             "BatchTopKSAE, which needs the training k and none is recorded; pass --k K")
-    return "MatryoshkaBatchTopKSAE" if weights.group_sizes else "BatchTopKSAE"
+        return "JumpReluAutoEncoder", "no training k recorded (pass --k K for BatchTopKSAE)"
+    dict_class = "MatryoshkaBatchTopKSAE" if weights.group_sizes else "BatchTopKSAE"
+    return dict_class, f"one JumpReLU threshold ({constant:g}) and training k={weights.k}"
+
+
+def folder_files(weights: SAEWeights) -> list[str]:
+    """The files `write_weights` writes for these weights."""
+    files = [AE_FILE, CONFIG_FILE]
+    if weights.info.eval_results is not None:
+        files.append(EVAL_FILE)
+    if weights.sparsity_F is not None:
+        files.append(SPARSITY_FILE)
+    return files
 
 
 def write_weights(weights: SAEWeights, folder: str | Path) -> str:
-    """Write SAEWeights as a dictionary_learning folder (ae.pt: `state_dict_for`, config.json, and
-    eval_results.json / sparsity.safetensors when known). Returns the dict_class written."""
+    """Write SAEWeights as a dictionary_learning folder (`folder_files`: ae.pt from `state_dict_for`,
+    config.json, and eval_results.json / sparsity.safetensors when known). Returns the dict_class written."""
     folder = Path(folder)
     dict_class, state = state_dict_for(weights)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomic(folder / AE_FILE, lambda p: torch.save(state, p))
-    config = _config_for(weights, dict_class)
-    write_atomic(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=4)))
+    write_atomic(folder / AE_FILE, lambda fh: save_state(state, fh))
+    write_json(folder / CONFIG_FILE, _config_for(weights, dict_class), indent=4)
     if weights.info.eval_results is not None:
-        write_atomic(folder / EVAL_FILE, lambda p: p.write_text(json.dumps(weights.info.eval_results, indent=4)))
+        write_json(folder / EVAL_FILE, weights.info.eval_results, indent=4)
     if weights.sparsity_F is not None:
         write_sparsity(folder, weights.sparsity_F)
     return dict_class
@@ -349,7 +403,7 @@ def state_dict_for(weights: SAEWeights) -> tuple[str, dict[str, torch.Tensor]]:
 
     Differences the class cannot hold are folded exactly: apply_b_dec_to_input (b_enc + b_dec @ W_enc)
     and SAELens' rescale_acts_by_decoder_norm (decoder rows to unit norm, encoder scaled to match)."""
-    dict_class = dict_class_for(weights)
+    dict_class = dict_class_for(weights)[0]
     W_enc_DF, b_enc_F, W_dec_FD = weights.W_enc_DF, weights.b_enc_F, weights.W_dec_FD
     subtracts_b_dec = dict_class != "JumpReluAutoEncoder"
     if weights.apply_b_dec_to_input != subtracts_b_dec:
@@ -358,12 +412,6 @@ def state_dict_for(weights: SAEWeights) -> tuple[str, dict[str, torch.Tensor]]:
     if weights.rescale_acts_by_decoder_norm:
         norms_F = row_norms(W_dec_FD)
         W_enc_DF, b_enc_F, W_dec_FD = Scaled(W_enc_DF, col_scale=norms_F), b_enc_F * norms_F, Scaled(W_dec_FD, row_scale=1 / norms_F)
-    if dict_class == "AutoEncoder":
-        norms_F = row_norms(W_dec_FD)
-        if not torch.allclose(norms_F, torch.ones_like(norms_F)):
-            raise WorkbenchError("dictionary_learning's AutoEncoder renormalises decoder rows to unit norm when it loads, "
-                                 "which would rescale this SAE's latents; fold the decoder norms first "
-                                 "(SAELens: sae.fold_W_dec_norm(), then save_model) and convert that")
     b_dec_D, k = weights.b_dec_D.clone(), torch.tensor(weights.k or 0, dtype=torch.int32)
     # AutoEncoderTopK's optional inference threshold rides along as a constant threshold_F.
     constant = weights.constant_threshold()

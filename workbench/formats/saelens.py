@@ -22,22 +22,26 @@ import json
 import re
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from workbench.errors import WorkbenchError
+from workbench.files import read_json_object, write_atomic, write_json
 from workbench.formats.dictionary_learning import (
     SPARSITY_FILE as SPARSITY_FILE,  # the same file in both formats
 )
-from workbench.formats.dictionary_learning import read_sparsity, write_atomic, write_sparsity
+from workbench.formats.dictionary_learning import read_sparsity, write_sparsity
 from workbench.formats.weights import (
     FileRows,
     SAEInfo,
     SAEWeights,
     Source,
+    check_k,
+    check_shapes,
+    check_sizes,
     contiguous_rows,
     dtype_of,
     hook_name,
@@ -50,6 +54,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_VERSION = "6.54.12"  # the cfg.json format written (and the version the parity tests run)
 ARCHITECTURES = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
+LAYOUT = {"W_enc": "DF", "W_dec": "FD", "b_enc": "F", "b_dec": "D", "threshold": "F"}  # weights.check_shapes
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int32: "I32", torch.int64: "I64"}
@@ -64,6 +69,7 @@ def read_weights(folder: str | Path) -> SAEWeights:
     normalisation, hook_z reshaping), is refused with the reason."""
     folder = Path(folder)
     cfg = read_cfg(folder)
+    cfg_path = folder / CFG_FILE
     # Pre-6.0 configs are flat and say topk through activation_fn (as SAELens' handle_pre_6_0_config reads them).
     activation_fn = cfg.get("activation_fn", "relu")
     arch = cfg.get("architecture") or ("topk" if activation_fn == "topk" else "standard")
@@ -81,71 +87,85 @@ def read_weights(folder: str | Path) -> SAEWeights:
                              "dictionary_learning equivalent")
     dtype = CFG_DTYPES.get(str(cfg.get("dtype", "float32")))
     if dtype is None:
-        raise WorkbenchError(f"{folder / CFG_FILE}: unknown dtype {cfg.get('dtype')!r}")
-    shapes = _tensor_shapes(folder / WEIGHTS_FILE)
-    want = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if arch == "jumprelu" else set())
-    extra = set(shapes) - want
-    if extra == {"scaling_factor"} and bool((load_file(str(folder / WEIGHTS_FILE))["scaling_factor"] == 1).all()):
+        raise WorkbenchError(f"{cfg_path}: unknown dtype {cfg.get('dtype')!r} (known: float32, float16, bfloat16, "
+                             "float64); fix it or re-export the SAE")
+    flags = {key: cfg.get(key, default) for key, default in
+             (("apply_b_dec_to_input", True), ("rescale_acts_by_decoder_norm", False))}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise WorkbenchError(f"{cfg_path}: {key} is {value!r}, not true or false; fix it or re-export the SAE")
+    meta = _object(cfg_path, cfg, "metadata")
+    details = _object(cfg_path, meta, "training_architecture_details")
+    path = folder / WEIGHTS_FILE
+    shapes = _tensor_shapes(path)
+    layout = {name: dims for name, dims in LAYOUT.items() if name != "threshold" or arch == "jumprelu"}
+    extra = set(shapes) - set(layout)
+    if extra == {"scaling_factor"} and bool((load_file(str(path))["scaling_factor"] == 1).all()):
         extra = set()  # SAELens drops an all-ones scaling_factor
-    if want - set(shapes) or extra:
-        raise WorkbenchError(f"{folder / WEIGHTS_FILE} does not hold a SAELens {arch} SAE (missing "
-                             f"{sorted(want - set(shapes)) or 'none'}, unexpected {sorted(extra) or 'none'})")
-    d_in, d_sae = shapes["W_enc"]
-    expected = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,), "threshold": (d_sae,)}
-    for name in want:
-        if shapes[name] != expected[name]:
-            raise WorkbenchError(f"{folder / WEIGHTS_FILE}: {name} has shape {list(shapes[name])}, expected "
-                                 f"{list(expected[name])} (a 0-d threshold does not load in SAELens either)")
-    if (cfg.get("d_in"), cfg.get("d_sae")) != (d_in, d_sae):
-        raise WorkbenchError(f"{folder}: cfg.json says d_in={cfg.get('d_in')}, d_sae={cfg.get('d_sae')} but W_enc is "
-                             f"[{d_in}, {d_sae}]; the folder is inconsistent")
+    if set(layout) - set(shapes) or extra:
+        raise WorkbenchError(f"{path} does not hold a SAELens {arch} SAE (missing "
+                             f"{sorted(set(layout) - set(shapes)) or 'none'}, unexpected {sorted(extra) or 'none'})")
+    d_in, d_sae = check_shapes(path, shapes, layout)
+    check_sizes(cfg_path, d_in, d_sae, {"d_in": (cfg.get("d_in"), "D"), "d_sae": (cfg.get("d_sae"), "F")}, required=True)
 
     def lazy(name: str) -> FileRows:
-        return FileRows(folder / WEIGHTS_FILE, name, shapes[name], dtype)
+        return FileRows(path, name, shapes[name], dtype)
 
-    meta = cfg.get("metadata") or {}
-    details = meta.get("training_architecture_details") or {}
-    info = _info(cfg, meta)
+    info = _info(cfg_path, cfg, meta)
     weights = SAEWeights(
         W_enc_DF=lazy("W_enc"), b_enc_F=materialize(lazy("b_enc")), W_dec_FD=lazy("W_dec"),
         b_dec_D=materialize(lazy("b_dec")), activation=ARCHITECTURES[arch],
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), info=info,
-        rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
-        sparsity_F=read_sparsity(folder))
-    converted = meta.get("converted_from") or {}
+        apply_b_dec_to_input=flags["apply_b_dec_to_input"], info=info,
+        rescale_acts_by_decoder_norm=flags["rescale_acts_by_decoder_norm"], sparsity_F=read_sparsity(folder, d_sae))
+    converted = _object(cfg_path, meta, "converted_from")
     if arch == "jumprelu":
         weights.threshold_F = materialize(lazy("threshold"))
-        weights.k = _integer_k(folder, details.get("k"))
+        if details.get("k") is not None:
+            weights.k = check_k(details["k"], d_sae, f"{cfg_path}: metadata.training_architecture_details.k",
+                                "fix it, or delete it and pass --k K")
         widths = details.get("matryoshka_widths")
         if widths:
-            weights.group_sizes = [b - a for a, b in zip([0, *widths[:-1]], widths, strict=True)]
-            if sum(weights.group_sizes) != d_sae or min(weights.group_sizes) <= 0:
-                raise WorkbenchError(f"{folder}: matryoshka_widths {widths} are not increasing up to d_sae={d_sae}")
+            sizes = [b - a for a, b in zip([0, *widths[:-1]], widths, strict=True)] if _ints(widths) else []
+            if not sizes or widths[-1] != d_sae or min(sizes) <= 0:
+                raise WorkbenchError(f"{cfg_path}: matryoshka_widths {widths} are not increasing integers up to "
+                                     f"d_sae={d_sae}; fix them or re-export the SAE")
+            weights.group_sizes = sizes
     elif arch == "topk":
-        weights.k = int(cfg.get("k") or (cfg.get("activation_fn_kwargs") or {})["k"])
+        k = cfg.get("k", (_object(cfg_path, cfg, "activation_fn_kwargs")).get("k"))
+        if k is None:
+            raise WorkbenchError(f"{cfg_path} has no k (a topk SAE keeps each token's k largest latents); add it or "
+                                 "re-export the SAE")
+        weights.k = check_k(k, d_sae, f"{cfg_path}: k", "fix it or re-export the SAE")
         if converted.get("threshold") is not None:
             weights.threshold_F = torch.full((d_sae,), float(converted["threshold"]), dtype=torch.float32)
     return weights
 
 
-def _integer_k(folder: Path, k: Any) -> int | None:
-    if k is None:
-        return None
-    if float(k) != int(float(k)) or float(k) <= 0:
-        raise WorkbenchError(f"{folder}: the training k {k} is not a positive integer, so it has no dictionary_learning "
-                             "BatchTopKSAE; pass --k K to choose one")
-    return int(float(k))
+def _ints(values: Any) -> bool:
+    return isinstance(values, list) and all(type(v) is int for v in values)
 
 
-def _info(cfg: dict, meta: dict) -> SAEInfo:
+def _object(path: Path, parent: dict, key: str) -> dict:
+    """parent[key] as a dict ({} when absent or null); any other JSON value is one WorkbenchError."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WorkbenchError(f"{path}: {key} is a JSON {type(value).__name__}, not an object; fix it or re-export the SAE")
+    return value
+
+
+def _info(path: Path, cfg: dict, meta: dict) -> SAEInfo:
     """What the SAE is for: 6.x nests it under metadata; older flat cfgs keep it at the top level."""
 
     def get(key: str) -> Any:
         return meta.get(key, cfg.get(key))
 
     hook = get("hook_name") or get("hook_point")
+    if hook is not None and not isinstance(hook, str):
+        raise WorkbenchError(f"{path}: hook_name {hook!r} is not a hook name; fix it or re-export the SAE")
     match = HOOK_RE.match(hook or "")
-    converted = meta.get("converted_from") or {}
+    converted = _object(path, meta, "converted_from")
     from_dl = converted.get("format") == "dictionary_learning"
     return SAEInfo(
         model_name=get("model_name"), layer=int(match.group(1)) if match else None, hook_name=hook,
@@ -162,13 +182,7 @@ def read_cfg(folder: Path) -> dict:
     path = folder / CFG_FILE
     if not path.is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise WorkbenchError(f"{folder} is not a SAELens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WorkbenchError(f"{path} is not valid JSON ({err}); fix or re-export it") from None
-    if not isinstance(cfg, dict):
-        raise WorkbenchError(f"{path} is not a SAELens config (a JSON object)")
-    return cfg
+    return read_json_object(path, fix="fix or re-export it", missing_ok=False)
 
 
 def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -183,18 +197,37 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def write_weights(weights: SAEWeights, folder: str | Path) -> str:
     """Write SAEWeights as a SAELens folder; returns the architecture written (jumprelu, topk or standard)."""
     folder = Path(folder)
-    arch = {v: k for k, v in ARCHITECTURES.items()}[weights.activation]
+    arch = architecture_for(weights)[0]
     tensors: dict[str, Source] = {"W_enc": weights.W_enc_DF, "W_dec": weights.W_dec_FD,
                                   "b_enc": weights.b_enc_F, "b_dec": weights.b_dec_D}
     if arch == "jumprelu":
         tensors["threshold"] = weights.threshold_F.to(weights.dtype).contiguous()
-    folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(folder / WEIGHTS_FILE, tensors)
-    cfg = _cfg_for(weights, arch)
-    write_atomic(folder / CFG_FILE, lambda p: p.write_text(json.dumps(cfg)))
+    write_json(folder / CFG_FILE, _cfg_for(weights, arch), indent=None)
     if weights.sparsity_F is not None:
         write_sparsity(folder, weights.sparsity_F)
     return arch
+
+
+def architecture_for(weights: SAEWeights) -> tuple[str, str]:
+    """The SAELens architecture `write_weights` writes for these weights, and why."""
+    if weights.activation == "topk":
+        return "topk", f"top-k activation, k={weights.k}"
+    if weights.activation == "relu":
+        return "standard", "plain ReLU activation"
+    constant = weights.constant_threshold()
+    if constant is None:
+        return "jumprelu", "per-latent JumpReLU thresholds"
+    if weights.k is None:
+        return "jumprelu", f"a JumpReLU threshold per latent (all {constant:g}); no training k recorded"
+    return "jumprelu", (f"one JumpReLU threshold ({constant:g}) broadcast to every latent; training k={weights.k}"
+                        + (" and the Matryoshka widths" if weights.group_sizes else "")
+                        + " in metadata.training_architecture_details")
+
+
+def folder_files(weights: SAEWeights) -> list[str]:
+    """The files `write_weights` writes for these weights."""
+    return [WEIGHTS_FILE, CFG_FILE] + ([SPARSITY_FILE] if weights.sparsity_F is not None else [])
 
 
 def _cfg_for(weights: SAEWeights, arch: str) -> dict:
@@ -257,14 +290,13 @@ def write_safetensors(path: Path, tensors: dict[str, Source], metadata: dict[str
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
 
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(struct.pack("<Q", len(header_bytes)))
-            fh.write(header_bytes)
-            for src in tensors.values():
-                for start, stop in row_blocks(src):
-                    block = contiguous_rows(src, start, stop)
-                    fh.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
+    def write(fh: BinaryIO) -> None:
+        fh.write(struct.pack("<Q", len(header_bytes)))
+        fh.write(header_bytes)
+        for src in tensors.values():
+            for start, stop in row_blocks(src):
+                block = contiguous_rows(src, start, stop)
+                fh.write(memoryview(block.reshape(-1).view(torch.uint8).numpy()))
 
     write_atomic(path, write)
 

@@ -19,6 +19,7 @@ holds a second full copy of it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
+
+from workbench.errors import WorkbenchError
 
 BLOCK_BYTES = 64 << 20  # rows per block: about this many bytes
 TILE = 8192  # columns per tile when a block is transposed (keeps both sides of the copy in cache)
@@ -144,6 +147,60 @@ def vec_times(v_R: torch.Tensor, src: Source) -> torch.Tensor:
 def row_norms(src: Source) -> torch.Tensor:
     """L2 norm of each row of a 2-d source, block by block."""
     return torch.cat([rows(src, start, stop).norm(dim=1) for start, stop in row_blocks(src)])
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what both formats hold
+
+
+def check_shapes(path: Path, shapes: dict[str, tuple[int, ...]], layout: dict[str, str]) -> tuple[int, int]:
+    """Check a file's tensor shapes against its format's layout; returns (D, F).
+
+    layout: each tensor's dimensions as letters, D = d_in / activation_dim, F = d_sae / dict_size,
+    G = any length, "" = 0-d (e.g. {"W_enc": "DF", "b_enc": "F", "k": ""}). D and F are read from the
+    first 2-d tensor; one line lists every shape when any disagrees (the one check both formats use)."""
+    first = next(name for name, dims in layout.items() if len(dims) == 2)
+    sizes = dict(zip(layout[first], shapes[first], strict=True))
+    for name, dims in layout.items():
+        shape = shapes[name]
+        if len(shape) != len(dims) or any(d != "G" and sizes[d] != n for d, n in zip(dims, shape, strict=True)):
+            have = ", ".join(f"{n} {list(shapes[n])}" for n in layout)
+            expected = ", ".join(f"{n} [{', '.join(dims)}]" for n, dims in layout.items())
+            raise WorkbenchError(f"{path}: the tensor shapes disagree ({have}; expected {expected} with D = d_in, "
+                                 "F = d_sae); the file is damaged or mislabelled: re-export it")
+    return sizes["D"], sizes["F"]
+
+
+def check_sizes(path: Path, D: int, F: int, declared: dict[str, tuple[Any, str]], required: bool) -> None:
+    """The sizes a config declares, {key: (value, "D" | "F")}, must equal the weights' (D, F); a missing
+    (None) value is refused when `required`, else skipped."""
+    for key, (value, dim) in declared.items():
+        actual = D if dim == "D" else F
+        if value is None and not required:
+            continue
+        if value is None:
+            raise WorkbenchError(f"{path} has no {key} (the weights say {actual}); add it or re-export the SAE")
+        if type(value) is not int or value != actual:
+            raise WorkbenchError(f"{path} says {key}={value!r} but the weights say {actual} (d_in {D}, d_sae {F}); the "
+                                 f"folder is inconsistent: fix {key} or re-export it")
+
+
+def check_k(k: Any, F: int, what: str, fix: str) -> int:
+    """A training / top-k k: a whole number from 1 to F (what a TopK or BatchTopK encoder can select).
+    what: where the value came from, e.g. "--k"; fix: what to do about a bad one."""
+    if (isinstance(k, bool) or not isinstance(k, int | float) or not math.isfinite(k) or k != int(k)
+            or not 1 <= k <= F):
+        raise WorkbenchError(f"{what} {k!r} is not a positive integer up to d_sae={F}; {fix}")
+    return int(k)
+
+
+def check_dtypes(path: Path, dtypes: dict[str, torch.dtype]) -> torch.dtype:
+    """The one float dtype of an SAE's weights (both formats hold one); returns it."""
+    found = set(dtypes.values())
+    if len(found) != 1 or not found <= set(FLOAT_DTYPES):
+        have = ", ".join(f"{n} {str(d).removeprefix('torch.')}" for n, d in dtypes.items())
+        raise WorkbenchError(f"{path}: the weights are {have}; an SAE converts when they all have one of float32, "
+                             "float16, bfloat16, float64: cast them to one and save again")
+    return found.pop()
 
 
 def hook_name(layer: int) -> str:
