@@ -7,6 +7,7 @@ Layout of a cache directory (every file readable with plain h5py; N = tokens of 
                                  chunk_rows, bos/pad token ids, requested_rows/requested_tokens, complete,
                                  shards [{file, num_tokens, num_batches, first_batch, bytes}], summary
                                  {tokens, sequences, shards, bytes, layers {L: {kept, first_token, sink}}}
+    .lock                        held (flock) by the `workbench collect` writing the cache
     shards/shard_000000.h5       forward batches [i * shard_batches, (i + 1) * shard_batches)
         attrs: format, version, complete, shard_index, first_batch, num_batches, num_tokens, layers,
                d_model, store_dtype, chunk_rows, stats (JSON: tokens, sequences, per-layer counts),
@@ -20,15 +21,21 @@ Layout of a cache directory (every file readable with plain h5py; N = tokens of 
         layer_<L>/batch_median float32 [num_batches]   the filter's median of each forward batch
         layer_<L>/drop_reason  uint8 [N]  0 kept, 1 first token, 2 sink
         layer_<L>/kept         bool  [N]  drop_reason == 0
+        crc32/<dataset>        uint32 [blocks]  (format version 2) zlib.crc32 of each block of `rows`
+                               (attr) rows of the dataset above, e.g. crc32/layer_<L>/activations: one
+                               per chunk; the last block holds the remaining rows
 
-Tokens are stored sequence by sequence in collection order; padding is never stored. bfloat16 has no
-HDF5 type: its 16 bits are stored as uint16 and restored exactly. With plain h5py:
+Tokens are stored sequence by sequence in collection order; padding is never stored, and neither is a
+non-finite activation (collection stops instead). bfloat16 has no HDF5 type: its 16 bits are stored as
+uint16 and restored exactly. With plain h5py:
 
     with h5py.File("cache/shards/shard_000000.h5", "r") as h5:
         acts = h5["layer_18/activations"][:]
         if h5["layer_18/activations"].attrs["dtype"] == "bfloat16":
             acts = (acts.astype(np.uint32) << 16).view(np.float32)
         acts = acts[h5["layer_18/kept"][:]]           # what training reads (sink filter applied)
+        rows = h5["crc32/layer_18/activations"].attrs["rows"]   # checking block i of a dataset:
+        zlib.crc32(h5["layer_18/activations"][i * rows:(i + 1) * rows]) == h5["crc32/layer_18/activations"][i]
 
 Chunks: activations are chunked by `chunk_rows` whole rows (about 64 KiB: 8 rows of a 4096-wide bf16
 model, 256 rows of a 64-wide fp32 one), uncompressed; a chunk is the unit the shuffled reader reads at
@@ -37,10 +44,18 @@ random, and small chunks give it many distinct places per window of memory. It r
 (bench/reader_bench.py). The per-token vectors are chunked by a multiple of it (>= 4096 rows). The
 writer buffers rows and writes chunk-aligned slabs (about 16 MiB a layer), so each chunk is written once.
 
+Checksums: every block a reader takes (an activation chunk, a whole per-token vector) is checked against
+its crc32 before anything is returned, so a shard changed on disk after collection (bit rot, a bad copy,
+a stray write into the data area that leaves the size unchanged) is reported by name, with its rows,
+instead of read. HDF5's own fletcher32 filter is not used: a filtered chunk cannot be read with one
+`pread`. Shards of format version 1 have no checksums: they are read with a check that every activation
+is finite, and `workbench inspect --verify` says that it cannot verify them.
+
 Crash safety: a shard is written under `shard_XXXXXX.h5.partial` and renamed when complete (after an
 fsync), so a crash never leaves a shard that looks finished; the manifest is replaced atomically and says
 `complete: true` only after every shard is in place. The reader checks each shard's size against the
-manifest, so a truncated shard is reported by name instead of read.
+manifest, so a truncated shard is reported by name instead of read; a shard that disagrees with the
+manifest (layers, d_model, dtype, tokens) while agreeing with itself means a manifest edited by hand.
 """
 
 from __future__ import annotations
@@ -51,7 +66,8 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +78,15 @@ import torch
 from h5py import h5s
 
 from workbench.errors import WorkbenchError
+from workbench.files import fsync_dir, read_json_object, write_json
 from workbench.sink import FIRST_TOKEN, SINK, is_sink
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"  # files.folder_lock's file: held by the `workbench collect` writing the cache
 SHARD_DIR = "shards"
 FORMAT = "workbench-activation-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-block crc32 checksums; caches of version 1 are still read
+CHECKSUMS = "crc32"  # the group of checksums, one dataset per checksummed dataset
 CHUNK_BYTES = 1 << 16  # activation chunk: the unit of a shuffled read (small: many places per window)
 META_CHUNK_ROWS = 4096  # per-token vectors: at least this many rows a chunk
 SLAB_CHUNKS = 256  # the writer buffers about this many activation chunks (16 MiB) per layer before writing
@@ -96,6 +115,20 @@ def to_stored(acts_ND: torch.Tensor, store_dtype: str) -> np.ndarray:
     if store_dtype == "bfloat16":
         return acts_ND.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.uint16)
     return acts_ND.to(getattr(torch, store_dtype)).numpy()
+
+
+def nonfinite_rows(stored_ND: np.ndarray, store_dtype: str) -> np.ndarray:
+    """Indices of the rows of stored activations [N, D] holding a NaN or an Inf."""
+    if store_dtype == "bfloat16":  # exponent bits all ones
+        bad_ND = (stored_ND & 0x7F80) == 0x7F80
+    else:
+        bad_ND = ~np.isfinite(stored_ND)
+    return np.flatnonzero(bad_ND.any(axis=1))
+
+
+def block_crcs(values: np.ndarray, rows: int) -> list[int]:
+    """zlib.crc32 of each block of `rows` rows of a C-contiguous array (the last block may be shorter)."""
+    return [zlib.crc32(values[i: i + rows]) for i in range(0, len(values), rows)]
 
 
 def from_stored(arr_ND: np.ndarray, store_dtype: str) -> np.ndarray:
@@ -188,6 +221,8 @@ class ShardWriter:
         self.num_batches = 0
         self._written = 0  # rows on disk
         self._pending: dict[str, list[np.ndarray]] = {}
+        self._crcs: dict[str, list[int]] = {}  # per dataset: crc32 of each block written so far
+        self._crc_rows: dict[str, int] = {}  # rows a block: the dataset's chunk rows
         self._medians: dict[int, list[float]] = {layer: [] for layer in layers}
         rows = chunk_rows(d_model, store_dtype)
         meta = meta_chunk_rows(d_model, store_dtype)
@@ -219,6 +254,8 @@ class ShardWriter:
     def _create(self, path: str, shape: tuple, dtype, chunks: tuple) -> h5py.Dataset:
         assert self.h5 is not None
         self._pending[path] = []
+        self._crcs[path] = []
+        self._crc_rows[path] = chunks[0]
         return self.h5.create_dataset(path, shape, dtype, maxshape=(None, *shape[1:]), chunks=chunks)
 
     def append(self, tokens: dict[str, np.ndarray], per_layer: dict[int, dict[str, np.ndarray]]) -> None:
@@ -250,6 +287,7 @@ class ShardWriter:
                 ds = self.h5[path]
                 ds.resize(stop, axis=0)
                 ds[start:stop] = values[:n]
+                self._crcs[path] += block_crcs(values[:n], self._crc_rows[path])  # start is a block boundary
                 self._pending[path] = [values[n:]] if len(values) > n else []
             self.h5.flush()
         except (OSError, RuntimeError) as err:
@@ -265,7 +303,12 @@ class ShardWriter:
         self._write(self.num_tokens - self._written)
         try:
             for layer, medians in self._medians.items():
-                self.h5.create_dataset(f"layer_{layer}/batch_median", data=np.asarray(medians, np.float32))
+                path, values = f"layer_{layer}/batch_median", np.asarray(medians, np.float32)
+                self.h5.create_dataset(path, data=values)
+                self._crcs[path], self._crc_rows[path] = block_crcs(values, len(values)), len(values)
+            for path, crcs in self._crcs.items():
+                ds = self.h5.create_dataset(f"{CHECKSUMS}/{path}", data=np.asarray(crcs, np.uint32))
+                ds.attrs["rows"] = self._crc_rows[path]
             self.h5.attrs.update(num_batches=self.num_batches, num_tokens=self.num_tokens,
                                  stats=json.dumps(stats), complete=True)
             self.h5.close()
@@ -275,7 +318,7 @@ class ShardWriter:
             os.fsync(self.file.fh.fileno())
             self.file.close()
             os.replace(self.partial, self.final)
-            _fsync_dir(self.final.parent)
+            fsync_dir(self.final.parent)
             return self.final.stat().st_size
         except (OSError, RuntimeError) as err:
             raise self._fail(err) from None
@@ -302,19 +345,6 @@ class ShardWriter:
         self.partial.unlink(missing_ok=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not fsync directories; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
 def shard_is_complete(path: Path, size: int | None = None) -> bool:
     """A shard counts only under its final name, readable, with complete=True (and the recorded size)."""
     if not path.is_file() or (size is not None and path.stat().st_size != size):
@@ -326,26 +356,170 @@ def shard_is_complete(path: Path, size: int | None = None) -> bool:
         return False
 
 
+def _manifest_fix(root: Path) -> str:
+    return f"restore it, or delete {root} and run `workbench collect` again"
+
+
 def read_manifest(root: Path) -> dict | None:
+    """A cache directory's manifest (None when it has none), checked: one line naming manifest.json for
+    one that is not JSON, not an object, from a newer workbench, or hand-edited into something unusable.
+    Whether it is an activation-cache manifest at all (`format`) is the caller's to say."""
     path = root / MANIFEST
-    if not path.is_file():
+    manifest = read_json_object(path, _manifest_fix(root))
+    if manifest is None or manifest.get("format") != FORMAT:
+        return manifest
+    version = manifest.get("version")
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise WorkbenchError(f"{path} is cache format version {version}, newer than this workbench reads "
+                             f"({FORMAT_VERSION}); upgrade the workbench")
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise WorkbenchError(f"{path} is not a usable cache manifest ({problem}): it was edited or damaged; "
+                             f"{_manifest_fix(root)}")
+    return manifest
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+_MANIFEST_FIELDS = {  # key: (test, what it must be)
+    "version": (lambda x: _is_int(x) and x >= 1, "a format version"),
+    "fingerprint": (lambda x: isinstance(x, str), "a string"),
+    "layers": (lambda x: isinstance(x, list) and len(x) > 0 and all(_is_int(v) and v >= 0 for v in x),
+               "a list of layer indices"),
+    "d_model": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "num_model_layers": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "store_dtype": (lambda x: x in STORE_NUMPY, f"one of {', '.join(STORE_NUMPY)}"),
+    "model_dtype": (lambda x: isinstance(x, str), "a string"),
+    "requested_rows": (lambda x: _is_int(x) and x >= 0, "a count"),
+    "complete": (lambda x: isinstance(x, bool), "true or false"),
+}
+_RECIPE_FIELDS = {
+    ("model", "name"): lambda x: isinstance(x, str),
+    ("data", "path"): lambda x: isinstance(x, str),
+    ("data", "context_length"): lambda x: _is_int(x) and x > 0,
+    ("data", "packing"): lambda x: isinstance(x, bool),
+    ("collect", "sink_multiple"): lambda x: x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)),
+    ("collect", "sink_median"): lambda x: isinstance(x, str),
+    ("collect", "drop_first_token"): lambda x: isinstance(x, bool),
+}
+_COUNT = (lambda x: _is_int(x) and x >= 0, "a count")
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What makes a cache manifest unusable, in a few words, or None."""
+    for key, (ok, what) in _MANIFEST_FIELDS.items():
+        if not ok(m.get(key)):
+            return f"{key} is {json.dumps(m.get(key))[:40]}, not {what}"
+    recipe = m.get("recipe")
+    for (section, key), ok in _RECIPE_FIELDS.items():
+        if not isinstance(recipe, dict) or not isinstance(recipe.get(section), dict) or not ok(recipe[section].get(key)):
+            return f"recipe.{section}.{key} is missing or wrong"
+    if not m["complete"]:
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise WorkbenchError(f"{path} is corrupt (not JSON); delete the cache directory and collect again") from None
-    except OSError as err:
-        raise WorkbenchError(f"cannot read {path}: {err.strerror or err}") from None
+    shards = m.get("shards")
+    if not isinstance(shards, list) or not shards:
+        return "shards is not a list of shards"
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict) or s.get("file") != shard_name(i):
+            return f"shards[{i}] is not the entry of {shard_name(i)}"
+        for key in ("num_tokens", "num_batches", "first_batch", *(("bytes",) if s.get("bytes") is not None else ())):
+            if not _COUNT[0](s.get(key)):
+                return f"shards[{i}].{key} is {json.dumps(s.get(key))[:40]}, not a count"
+    summary = m.get("summary")
+    if not isinstance(summary, dict) or not all(_COUNT[0](summary.get(k)) for k in ("tokens", "sequences", "shards", "bytes")):
+        return "summary is missing or not counts"
+    per_layer = summary.get("layers")
+    for layer in m["layers"]:
+        counts = per_layer.get(str(layer)) if isinstance(per_layer, dict) else None
+        if not isinstance(counts, dict) or not all(_COUNT[0](counts.get(k)) for k in ("kept", "first_token", "sink")):
+            return f"summary.layers has no counts for layer {layer}, which layers lists"
+    return None
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    write_json(path, data, resume="re-run the same command to resume (completed shards are kept)")
+
+
+def shard_expectations(manifest: dict, index: int) -> dict:
+    """What the manifest says shard `index` holds, as `shard_problems` compares it."""
+    return {"layers": list(manifest["layers"]), "d_model": manifest["d_model"], "store_dtype": manifest["store_dtype"],
+            "num_tokens": manifest["shards"][index]["num_tokens"]}
+
+
+def shard_problems(h5: h5py.File, expect: dict) -> tuple[str | None, str | None]:
+    """(damaged, mismatch) for an open shard. damaged: why the file itself is unusable (unfinished, its
+    datasets or checksums not what its own attributes say): redo it. mismatch: the shard is whole but
+    disagrees with the manifest (expect: layers, d_model, store_dtype, num_tokens): the manifest is wrong."""
+    a = h5.attrs
+    if not a.get("complete", False):
+        return "it is not marked complete", None
+    n, d, layers = int(a["num_tokens"]), int(a["d_model"]), [int(x) for x in a["layers"]]
+    shapes = {f"tokens/{name}": (n,) for name in TOKEN_FIELDS}
+    for layer in layers:
+        shapes |= {f"layer_{layer}/{name}": (n,) for name in ("norm", "drop_reason", "kept")}
+        shapes |= {f"layer_{layer}/activations": (n, d), f"layer_{layer}/batch_median": (int(a["num_batches"]),)}
+    for name, shape in shapes.items():
+        if not isinstance(h5.get(name), h5py.Dataset) or h5[name].shape != shape:
+            return f"{name} is missing or not of the shard's own size", None
+        if int(a.get("version", 1)) >= 2:
+            crc = h5.get(f"{CHECKSUMS}/{name}")
+            if not isinstance(crc, h5py.Dataset) or crc.shape != (-(-shape[0] // max(1, int(crc.attrs.get("rows", 0)))),):
+                return f"the checksums of {name} are missing", None
+    found = {"layers": layers, "d_model": d, "store_dtype": str(a["store_dtype"]), "num_tokens": n}
+    diffs = [f"{key} {expect[key]} in the manifest, {found[key]} in the shard" for key in expect if expect[key] != found[key]]
+    return None, "; ".join(diffs) or None
+
+
+def manifest_mismatch(root: Path, shard: Path, what: str) -> WorkbenchError:
+    """A shard that is whole but disagrees with the manifest: the manifest is what changed."""
+    return WorkbenchError(f"{root / MANIFEST} does not match {shard} ({what}): the manifest was edited or comes "
+                          f"from another cache; {_manifest_fix(root)}")
+
+
+@dataclass
+class ShardCheck:
+    """What `verify_shard` found: damaged (why the shard must be redone) or mismatch (how it disagrees
+    with the manifest), and whether every checksum was read and matched (False: no checksums, format 1)."""
+
+    damaged: str | None = None
+    mismatch: str | None = None
+    verified: bool = False
+
+
+VERIFY_ROWS_BYTES = 16 << 20  # verify_shard reads a dataset in slabs of about this many bytes
+
+
+def verify_shard(path: Path, size: int | None, expect: dict) -> ShardCheck:
+    """Read a whole shard and check it: present, of the recorded size, HDF5, complete, consistent with
+    itself and with `expect` (see shard_problems), and every block of every dataset against its crc32."""
+    if not path.is_file():
+        return ShardCheck(damaged="it is missing")
+    actual = path.stat().st_size
+    if size is not None and actual != size:
+        return ShardCheck(damaged=f"it is truncated or damaged ({actual:,} bytes, the manifest says {size:,})")
     try:
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise write_error(path, err) from None
+        with h5py.File(path, "r") as h5:
+            damaged, mismatch = shard_problems(h5, expect)
+            if damaged or mismatch or CHECKSUMS not in h5:
+                return ShardCheck(damaged, mismatch)
+            names: list[str] = []
+            h5[CHECKSUMS].visit(lambda name: names.append(name) if isinstance(h5[CHECKSUMS][name], h5py.Dataset) else None)
+            for name in names:
+                ds, crc = h5[name], h5[f"{CHECKSUMS}/{name}"]
+                rows, crcs = int(crc.attrs["rows"]), crc[:]
+                step = rows * max(1, VERIFY_ROWS_BYTES // max(1, rows * ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+                for start in range(0, ds.shape[0], step):
+                    got = block_crcs(ds[start: start + step], rows)
+                    bad = np.flatnonzero(np.asarray(got, np.uint32) != crcs[start // rows: start // rows + len(got)])
+                    if len(bad):
+                        first = start + int(bad[0]) * rows
+                        return ShardCheck(damaged=f"{name} rows {first}..{min(first + rows, ds.shape[0]) - 1} do not "
+                                                  "match their checksum")
+    except (OSError, KeyError, RuntimeError, ValueError) as err:
+        return ShardCheck(damaged=f"it is not a readable HDF5 shard ({(str(err).splitlines() or [type(err).__name__])[0]})")
+    return ShardCheck(verified=True)
 
 
 class _ChunkReader:
@@ -421,15 +595,23 @@ class ActivationCache:
         cache.read(layer)                       # small caches: everything as numpy arrays
         for acts_BD in cache.batches(layer, 4096, seed=0):   # shuffled float32 torch batches
             ...
+
+    Every block read is checked against its checksum (or, in a shard of format version 1, for finite
+    activations) before it is returned: a damaged shard is one WorkbenchError naming it and its rows.
     """
 
     def __init__(self, path: str | Path):
         self.root = Path(path)
+        if self.root.is_file():
+            raise WorkbenchError(f"{self.root} is a file, not an activation cache; give the cache directory "
+                                 f"(collect.out, the one with {MANIFEST})")
         manifest = read_manifest(self.root)
         if manifest is None:
-            raise WorkbenchError(f"no activation cache at {self.root} (no {MANIFEST}); run `workbench collect` first")
+            raise WorkbenchError(f"no activation cache at {self.root} (no {MANIFEST}); run `workbench collect` first, "
+                                 "or give the directory it wrote (collect.out)")
         if manifest.get("format") != FORMAT:
-            raise WorkbenchError(f"{self.root / MANIFEST} is not an activation-cache manifest")
+            raise WorkbenchError(f"{self.root / MANIFEST} is not an activation-cache manifest; give the directory "
+                                 "`workbench collect` wrote (collect.out)")
         if not manifest.get("complete"):
             raise WorkbenchError(f"the cache at {self.root} is incomplete; re-run the same `workbench collect` command to finish it")
         self.manifest = manifest
@@ -446,6 +628,7 @@ class ActivationCache:
         self._first_block = np.concatenate([[0], np.cumsum([-(-n // self._chunk_rows) for n in self._shard_tokens])])
         self._files: dict[int, h5py.File] = {}
         self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
+        self._checksums: dict[tuple[int, str], tuple[np.ndarray, int] | None] = {}
         self._medians: dict[tuple[int, int], np.ndarray] = {}
         self._keep_bits: dict[tuple[int, int, float | None], tuple[np.ndarray, np.ndarray]] = {}
         self._readers: dict[tuple[int, int], _ChunkReader] = {}
@@ -465,15 +648,13 @@ class ActivationCache:
             with self._reading(shard):
                 h5 = h5py.File(path, "r")
                 try:
-                    n = self._shard_tokens[shard]
-                    ok = bool(h5.attrs["complete"]) and int(h5.attrs["num_tokens"]) == n and all(
-                        h5[f"layer_{layer}/activations"].shape == (n, self.d_model) for layer in self.layers)
+                    damaged, mismatch = shard_problems(h5, shard_expectations(self.manifest, shard))
                 except BaseException:
                     h5.close()
                     raise
-            if not ok:
+            if damaged or mismatch:
                 h5.close()
-                raise self._damaged(shard, "it does not match the manifest")
+                raise self._damaged(shard, damaged) if damaged else manifest_mismatch(self.root, path, mismatch)
             self._files[shard] = h5
         return self._files[shard]
 
@@ -500,6 +681,61 @@ class ActivationCache:
         except (OSError, KeyError, RuntimeError, ValueError) as err:
             raise self._damaged(shard, str(err).splitlines()[0] if str(err) else type(err).__name__) from None
 
+    def _crcs(self, shard: int, name: str) -> tuple[np.ndarray, int] | None:
+        """A dataset's stored checksums and rows a block; None for a shard written before checksums."""
+        key = (shard, name)
+        if key not in self._checksums:
+            h5 = self._h5(shard)  # checked: a version 2 shard has every checksum, of the right length
+            with self._reading(shard):
+                crc = h5.get(f"{CHECKSUMS}/{name}") if int(h5.attrs.get("version", 1)) >= 2 else None
+                self._checksums[key] = None if crc is None else (crc[:], int(crc.attrs["rows"]))
+        return self._checksums[key]
+
+    def _corrupt(self, shard: int, name: str, start: int, block: np.ndarray, checksum: bool) -> WorkbenchError:
+        """Rows [start, start + len(block)) of a dataset failed their checksum (checksum=True) or hold
+        non-finite activations in a shard without checksums (False)."""
+        path = self.shards[shard]
+        bad = nonfinite_rows(block, self.store_dtype) if name.endswith("/activations") else np.zeros(0, int)
+        where = f"row {start + int(bad[0])}" if len(bad) else ""
+        if len(bad):
+            try:  # the token it is, for the message only
+                seq = int(self._dataset(shard, "tokens/sequence")[start + int(bad[0])])
+                pos = int(self._dataset(shard, "tokens/position")[start + int(bad[0])])
+                where += f" (sequence {seq}, position {pos})"
+            except (WorkbenchError, OSError, ValueError, IndexError):
+                pass
+            if len(bad) > 1:
+                where += f" and {len(bad) - 1} more"
+        if checksum:
+            what = f"{name} rows {start}..{start + len(block) - 1} do not match their checksum"
+            what += f"; {where} holds NaN or Inf" if where else ""
+            return WorkbenchError(f"cache shard {path} is corrupt: {what}; delete it and re-run the same "
+                                  "`workbench collect` command to redo it")
+        return WorkbenchError(f"cache shard {path} holds non-finite activations (NaN or Inf) in {name} at {where}: it was "
+                              "changed after collection or collected before such values were refused; delete it "
+                              "and re-run the same `workbench collect` command to redo it")
+
+    def _verify(self, shard: int, name: str, values: np.ndarray) -> None:
+        """Check a whole dataset read from a shard: every block against its checksum, or (no checksums)
+        the activations for NaN and Inf."""
+        found = self._crcs(shard, name)
+        if found is None:
+            if name.endswith("/activations") and len(nonfinite_rows(values, self.store_dtype)):
+                raise self._corrupt(shard, name, 0, values, checksum=False)
+            return
+        crcs, rows = found
+        for i, got in enumerate(block_crcs(values, rows)):
+            if got != crcs[i]:
+                raise self._corrupt(shard, name, i * rows, values[i * rows: (i + 1) * rows], checksum=True)
+
+    def read_vector(self, shard: int, name: str) -> np.ndarray:
+        """A whole dataset of a shard (e.g. "tokens/position", "layer_3/norm"), checked (see _verify)."""
+        ds = self._dataset(shard, name)
+        with self._reading(shard):
+            values = ds[:]
+        self._verify(shard, name, values)
+        return values
+
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
             raise WorkbenchError(f"layer {layer} is not in the cache at {self.root} (it has layers {self.layers})")
@@ -509,27 +745,23 @@ class ActivationCache:
         self._check_layer(layer)
         if sink_multiple is None:
             return int(self.manifest["summary"]["layers"][str(layer)]["kept"])
-        return sum(int(self._keep(layer, shard, slice(0, n), sink_multiple).sum())
-                   for shard, n in enumerate(self._shard_tokens))
+        return sum(int(self._keep(layer, shard, sink_multiple).sum()) for shard in range(len(self.shards)))
 
     def _batch_medians(self, layer: int, shard: int) -> np.ndarray:
         key = (layer, shard)
         if key not in self._medians:
-            ds = self._dataset(shard, f"layer_{layer}/batch_median")
-            with self._reading(shard):
-                self._medians[key] = ds[:]
+            self._medians[key] = self.read_vector(shard, f"layer_{layer}/batch_median")
         return self._medians[key]
 
-    def _keep(self, layer: int, shard: int, sl: slice, sink_multiple: float | None) -> np.ndarray:
-        """Kept flags for rows `sl` of a shard: as collected, or re-filtered with another multiple
-        (the same sink rule as collection, on the stored norms and batch medians)."""
+    def _keep(self, layer: int, shard: int, sink_multiple: float | None) -> np.ndarray:
+        """Kept flags of a shard's rows: as collected, or re-filtered with another multiple (the same sink
+        rule as collection, on the stored norms and batch medians)."""
         g = f"layer_{layer}"
-        with self._reading(shard):
-            if sink_multiple is None:
-                return self._dataset(shard, f"{g}/kept")[sl]
-            batch = self._dataset(shard, "tokens/batch")[sl] - int(self._h5(shard).attrs["first_batch"])
-            norms = self._dataset(shard, f"{g}/norm")[sl]
-            first = self._dataset(shard, f"{g}/drop_reason")[sl] == FIRST_TOKEN
+        if sink_multiple is None:
+            return self.read_vector(shard, f"{g}/kept")
+        batch = self.read_vector(shard, "tokens/batch") - int(self._h5(shard).attrs["first_batch"])
+        norms = self.read_vector(shard, f"{g}/norm")
+        first = self.read_vector(shard, f"{g}/drop_reason") == FIRST_TOKEN
         medians = self._batch_medians(layer, shard)[batch]
         sink = is_sink(torch.from_numpy(norms), torch.from_numpy(medians), sink_multiple).numpy()
         return ~first & ~sink if self.drop_first_token else ~sink
@@ -538,7 +770,7 @@ class ActivationCache:
         """A shard's kept flags as bits (N/8 bytes, read once) and, per block, whether all its rows are kept."""
         key = (layer, shard, sink_multiple)
         if key not in self._keep_bits:
-            keep = self._keep(layer, shard, slice(0, self._shard_tokens[shard]), sink_multiple)
+            keep = self._keep(layer, shard, sink_multiple)
             pad = -len(keep) % self._chunk_rows
             full = np.concatenate([keep, np.ones(pad, bool)]).reshape(-1, self._chunk_rows).all(axis=1)
             self._keep_bits[key] = (np.packbits(keep), full)
@@ -559,16 +791,14 @@ class ActivationCache:
         """
         self._check_layer(layer)
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("activations", "token_ids", "sequence", "position", "kept", "drop_reason")}
-        for shard, n in enumerate(self._shard_tokens):
-            everything = slice(0, n)
-            keep = self._keep(layer, shard, everything, sink_multiple)
+        for shard in range(len(self.shards)):
+            keep = self._keep(layer, shard, sink_multiple)
             rows = slice(None) if include_dropped else keep
-            with self._reading(shard):
-                reason = self._dataset(shard, f"layer_{layer}/drop_reason")[everything]
-                stored = self._dataset(shard, f"layer_{layer}/activations")[everything]
-                parts["activations"].append(from_stored(stored[rows], self.store_dtype))
-                for key, name in (("token_ids", "token_id"), ("sequence", "sequence"), ("position", "position")):
-                    parts[key].append(self._dataset(shard, f"tokens/{name}")[everything][rows])
+            reason = self.read_vector(shard, f"layer_{layer}/drop_reason")
+            stored = self.read_vector(shard, f"layer_{layer}/activations")
+            parts["activations"].append(from_stored(stored[rows], self.store_dtype))
+            for key, name in (("token_ids", "token_id"), ("sequence", "sequence"), ("position", "position")):
+                parts[key].append(self.read_vector(shard, f"tokens/{name}")[rows])
             if sink_multiple is not None:
                 reason = np.where(keep, 0, np.where(reason == FIRST_TOKEN, FIRST_TOKEN, SINK)).astype(np.uint8)
             parts["kept"].append(keep[rows])
@@ -603,16 +833,24 @@ class ActivationCache:
 
     def _read_blocks_into(self, layer: int, indices: np.ndarray, sink_multiple: float | None, out: np.ndarray, at: int) -> int:
         """Read the kept rows of blocks (global indices), as stored, into out[at:] in that order; returns
-        the row after the last one written."""
+        the row after the last one written. Each chunk is checked (see _verify) as it is read."""
         R = self._chunk_rows
+        name = f"layer_{layer}/activations"
         shards = np.searchsorted(self._first_block, indices, side="right") - 1
         starts = (indices - self._first_block[shards]) * R
         for shard, start in zip(shards.tolist(), starts.tolist(), strict=True):
             n = min(R, self._shard_tokens[shard] - start)
+            chunk = out[at: at + n]
             try:
-                self._chunk_reader(layer, shard).read(start, out[at: at + n])
+                self._chunk_reader(layer, shard).read(start, chunk)
             except (OSError, RuntimeError, ValueError) as err:
                 raise self._damaged(shard, str(err).splitlines()[0]) from None
+            found = self._crcs(shard, name)
+            if found is not None:
+                if zlib.crc32(chunk) != found[0][start // R]:
+                    raise self._corrupt(shard, name, start, chunk, checksum=True)
+            elif len(nonfinite_rows(chunk, self.store_dtype)):
+                raise self._corrupt(shard, name, start, chunk, checksum=False)
             if self._keep_blocks(layer, shard, sink_multiple)[1][start // R]:
                 at += n
                 continue
@@ -709,25 +947,32 @@ class ActivationCache:
         self.close()
 
 
-def prefetch(iterator: Iterator, depth: int = 4) -> Iterator:
+def prefetch(iterator: Iterable, depth: int = 4) -> Iterator:
     """Run an iterator in a background thread, `depth` items ahead, so producing overlaps consuming.
-    An exception in the iterator is re-raised in the consumer; when the consumer stops early (or fails),
-    the thread stops after its current item."""
+    An exception in the iterator is re-raised in the consumer. When the consumer stops early (or fails,
+    or is interrupted), the thread finishes its current item, closes the iterator and is joined before
+    the consumer goes on: a thread left inside native code (a tokenizer, torch, HDF5) while the
+    interpreter exits can abort the process."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
+    it = iter(iterator)
 
     def worker() -> None:
         try:
-            for item in iterator:
-                if stop.is_set():
-                    return
+            while not stop.is_set():
+                item = next(it, done)
                 q.put(item)
-            q.put(done)
+                if item is done:
+                    return
         except BaseException as err:  # re-raised in the consumer
             q.put(err)
+        finally:
+            if hasattr(it, "close"):
+                it.close()
 
-    threading.Thread(target=worker, daemon=True, name="workbench-prefetch").start()
+    thread = threading.Thread(target=worker, daemon=True, name="workbench-prefetch")
+    thread.start()
     try:
         while True:
             item = q.get()
@@ -738,5 +983,7 @@ def prefetch(iterator: Iterator, depth: int = 4) -> Iterator:
             yield item
     finally:
         stop.set()
-        while not q.empty():  # unblock a worker waiting to put
-            q.get_nowait()
+        while thread.is_alive():
+            while not q.empty():  # unblock a worker waiting to put
+                q.get_nowait()
+            thread.join(timeout=0.01)

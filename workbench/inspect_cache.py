@@ -1,4 +1,5 @@
-"""`workbench inspect CACHE`: what a cache holds and what the sink filter did, shard by shard."""
+"""`workbench inspect CACHE [--verify]`: what a cache holds and what the sink filter did, shard by shard;
+with --verify, every byte of every shard checked against its checksums."""
 
 from __future__ import annotations
 
@@ -6,26 +7,25 @@ from collections import Counter
 
 import numpy as np
 
-from workbench.cache import ActivationCache
+from workbench.cache import ActivationCache, manifest_mismatch, shard_expectations, verify_shard
+from workbench.errors import WorkbenchError
 from workbench.sink import SINK
 
 
 def sink_statistics(cache: ActivationCache, layer: int) -> dict:
     """Per layer: sink count, the norm/median ratios of sinks and kept tokens, the commonest sink tokens
-    and positions. Reads only the per-token metadata, one shard at a time."""
+    and positions. Reads only the per-token metadata (checked against its checksums), a shard at a time."""
     sink_ids: Counter[int] = Counter()
     sink_pos: Counter[int] = Counter()
     max_kept_ratio, ratios = 0.0, []
     for shard in range(len(cache.shards)):
-        h5 = cache._h5(shard)
-        with cache._reading(shard):
-            g = h5[f"layer_{layer}"]
-            reason = g["drop_reason"][:]
-            batch = h5["tokens/batch"][:] - int(h5.attrs["first_batch"])
-            ratio = g["norm"][:] / g["batch_median"][:][batch]
-            sink = reason == SINK
-            sink_ids.update(h5["tokens/token_id"][:][sink].tolist())
-            sink_pos.update(h5["tokens/position"][:][sink].tolist())
+        g = f"layer_{layer}"
+        reason = cache.read_vector(shard, f"{g}/drop_reason")
+        batch = cache.read_vector(shard, "tokens/batch") - int(cache._h5(shard).attrs["first_batch"])
+        ratio = cache.read_vector(shard, f"{g}/norm") / cache.read_vector(shard, f"{g}/batch_median")[batch]
+        sink = reason == SINK
+        sink_ids.update(cache.read_vector(shard, "tokens/token_id")[sink].tolist())
+        sink_pos.update(cache.read_vector(shard, "tokens/position")[sink].tolist())
         ratios.append(ratio[sink])
         if (reason == 0).any():
             max_kept_ratio = max(max_kept_ratio, float(ratio[reason == 0].max()))
@@ -35,7 +35,37 @@ def sink_statistics(cache: ActivationCache, layer: int) -> dict:
             "kept_ratio_max": max_kept_ratio, "top_tokens": sink_ids.most_common(), "top_positions": sink_pos.most_common()}
 
 
-def describe(path: str, top: int = 10) -> str:
+def verify(cache: ActivationCache) -> str:
+    """Read every shard whole and check it (see cache.verify_shard). Returns the report line; a corrupt
+    shard (or a manifest that disagrees with the shards) is one WorkbenchError naming every one."""
+    corrupt, unverified = [], 0
+    for index, path in enumerate(cache.shards):
+        check = verify_shard(path, cache.manifest["shards"][index].get("bytes"), shard_expectations(cache.manifest, index))
+        if check.mismatch:
+            raise manifest_mismatch(cache.root, path, check.mismatch)
+        if check.damaged:
+            corrupt.append(f"{path.name} ({check.damaged})")
+        elif not check.verified:
+            unverified += 1
+    if corrupt:
+        raise WorkbenchError(f"cache {cache.root}: {len(corrupt)} of {len(cache.shards)} shards are corrupt: "
+                             f"{', '.join(corrupt)}; delete them and re-run the same `workbench collect` command to "
+                             "redo them")
+    n = len(cache.shards)
+    if unverified:
+        return (f"{n - unverified} of {n} shards verified; {unverified} have no checksums (written by cache format "
+                "version 1) and cannot be verified: collect again to add them")
+    return f"all {n} shards verified: every block matches its crc32"
+
+
+def _checksum_line(cache: ActivationCache) -> str:
+    if int(cache.manifest["version"]) < 2:
+        return "none (cache format version 1): reads check for NaN/Inf only, --verify cannot verify it"
+    return "crc32 of every block, checked by every read; --verify reads every shard"
+
+
+def describe(path: str, top: int = 10, check: bool = False) -> str:
+    """The report `workbench inspect` prints; check: read and verify every shard first (`--verify`)."""
     with ActivationCache(path) as cache:
         m = cache.manifest
         s = m["summary"]
@@ -48,6 +78,7 @@ def describe(path: str, top: int = 10) -> str:
             f"filter     sink multiple {rec['collect']['sink_multiple']} (median over {rec['collect']['sink_median']} tokens), "
             f"drop first token {rec['collect']['drop_first_token']}",
             f"size       {s['tokens']:,} tokens in {s['sequences']:,} sequences, {s['shards']} shards, {s['bytes'] / 2**20:,.1f} MiB",
+            f"checksums  {verify(cache) if check else _checksum_line(cache)}",
             *([f"warning    the data ran out: {s['sequences']:,} of the {m['requested_rows']:,} requested rows were read"]
               if s["sequences"] < m.get("requested_rows", 0) else []),
             "",
