@@ -35,9 +35,9 @@ def _collect(out: Path, *extra: str):
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    """Every file under root: (mtime_ns, sha256)."""
+    """Every file under root but the folder lock (it names the last collect's pid): (mtime_ns, sha256)."""
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 def _assert_same_contents(a: Path, b: Path) -> None:

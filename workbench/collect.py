@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import math
 import queue
+import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -30,20 +32,25 @@ from workbench import data as data_mod
 from workbench.cache import (
     FORMAT,
     FORMAT_VERSION,
+    LOCK_FILE,
     MANIFEST,
     ShardWriter,
     chunk_rows,
+    manifest_mismatch,
     prefetch,
     read_manifest,
+    shard_expectations,
     shard_is_complete,
     shard_name,
     to_stored,
+    verify_shard,
     write_error,
     write_json_atomic,
 )
 from workbench.config import Recipe, fingerprint, to_dict
 from workbench.dist import on_main_first, process_state, resolve_device
 from workbench.errors import WorkbenchError
+from workbench.files import folder_lock
 from workbench.model import (
     capture_resid_post,
     d_model_of,
@@ -124,22 +131,128 @@ def _inspect_dir(out: Path, identity: dict) -> dict | None:
             raise WorkbenchError(f"{out / MANIFEST} is not an activation-cache manifest; choose another collect.out")
         if manifest.get("fingerprint") != fingerprint(identity):
             diffs = [f"{sec}.{k}" for sec in identity for k in identity[sec]
-                     if manifest.get("recipe", {}).get(sec, {}).get(k) != identity[sec][k]]
+                     if manifest["recipe"].get(sec, {}).get(k) != identity[sec][k]]
             raise WorkbenchError(f"{out} holds a cache made by a different recipe (differs in {', '.join(diffs) or 'its recipe'}); "
                                  "choose another collect.out or delete that directory; nothing was changed")
         return manifest
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"collect.out {out} is a file, not a directory; choose another collect.out")
-    # A crash between creating the directory and writing the manifest leaves at most a manifest.json.tmp.
-    if out.is_dir() and any(p.name != MANIFEST + ".tmp" for p in out.iterdir()):
+    # A crash between creating the directory and writing the manifest leaves at most the lock and a
+    # manifest.json.tmp.
+    if out.is_dir() and any(p.name not in (MANIFEST + ".tmp", LOCK_FILE) for p in out.iterdir()):
         raise WorkbenchError(f"{out} exists and is not an activation cache; choose another collect.out or empty it")
     return None
 
 
-def _damaged_shards(out: Path, manifest: dict) -> list[Path]:
-    """Shards a complete manifest lists that are missing, truncated or unreadable."""
-    return [out / s["file"] for s in manifest.get("shards", [])
-            if not shard_is_complete(out / s["file"], s.get("bytes"))]
+def _damaged_shards(out: Path, manifest: dict, state) -> list[tuple[str, str]]:
+    """The shards of a complete cache to redo, as (file, why): missing, truncated, unreadable, or not
+    matching their checksums. Every process reads its share (shard i on process i mod W, like the
+    writing) and all get the whole list. A shard that is whole but disagrees with the manifest means
+    the manifest was edited: that is one error naming manifest.json, and nothing is deleted."""
+    from tqdm.auto import tqdm
+
+    shards = manifest["shards"]
+    mine = range(state.process_index, len(shards), state.num_processes)
+    found = []
+    for index in tqdm(mine, desc="verify", unit="shard", disable=not state.is_main_process or len(mine) < 2,
+                      dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False):
+        check = verify_shard(out / shards[index]["file"], shards[index].get("bytes"), shard_expectations(manifest, index))
+        if check.damaged or check.mismatch:
+            found.append((shards[index]["file"], check.damaged, check.mismatch))
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        found = gather_object(found)
+    for file, _, mismatch in found:
+        if mismatch:
+            raise manifest_mismatch(out, out / file, mismatch)
+    return sorted((file, damaged) for file, damaged, _ in found)
+
+
+def _reopen(out: Path, manifest: dict, damaged: list[tuple[str, str]]) -> dict:
+    """Mark a complete cache incomplete and delete its damaged shards, so that collection redoes them."""
+    print(f"cache {out}: redoing {len(damaged)} missing or damaged shard(s): "
+          f"{'; '.join(f'{Path(file).name} ({why})' for file, why in damaged)}", file=sys.stderr)
+    manifest = {k: v for k, v in manifest.items() if k not in ("shards", "summary")} | {"complete": False}
+    write_json_atomic(out / MANIFEST, manifest)
+    for file, _ in damaged:
+        (out / file).unlink(missing_ok=True)
+    return manifest
+
+
+class _CacheLock:
+    """The cache folder's single-writer lock (files.folder_lock), held by the main process only: the
+    other processes under `accelerate launch` are the same run. It is taken once the folder is known to
+    be this recipe's cache (or is about to become one), so a folder that is not a cache never gets a
+    lock file, and released when collection ends (or the process dies)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self._held = ExitStack()
+        self.taken = False
+
+    def take(self) -> None:
+        if self.taken:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise write_error(self.out, err) from None
+        self._held.enter_context(folder_lock(self.out, "workbench collect"))
+        self.taken = True
+
+    def __enter__(self) -> _CacheLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._held.close()
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM while collecting: both end it as KeyboardInterrupt (the CLI prints one line
+    and exits 130).
+
+    Inside `deferred()` (the collection loop and its clean-up) a signal is only recorded, and `check()`
+    raises it between forward batches: so it never lands inside a write, a clean-up or a callback that
+    would swallow it, and the tokenizer and writer threads are stopped and joined before the process
+    exits (a thread left in native code at exit aborts it). Outside, a signal raises at once, as
+    Python's own SIGINT handler does, and is raised again by the next check() should something have
+    swallowed it. A second signal always raises at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.pending = False
+        self._deferring = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():  # the only thread that may set handlers
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        again = self.pending
+        self.pending = True
+        if again or not self._deferring:
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        self.check()
 
 
 def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None) -> Summary:
@@ -147,34 +260,37 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
 
     A model and tokenizer already loaded from recipe.model may be passed in (a notebook, a benchmark);
     by default they are loaded here. Returns the cache's summary (with this run's speed on the main process).
+    A second `collect` on the same collect.out fails at once while this one runs (the folder's lock).
     """
+    state = process_state(cpu=recipe.collect.device == "cpu")
+    with _Interrupts() as interrupts, _CacheLock(Path(recipe.collect.out)) as lock:
+        return _collect(recipe, model, tokenizer, state, interrupts, lock)
+
+
+def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, interrupts: _Interrupts,
+             lock: _CacheLock) -> Summary:
     c, d = recipe.collect, recipe.data
-    state = process_state(cpu=c.device == "cpu")
     device = resolve_device(c.device, state, "collect.device")
     out = Path(c.out)
     identity = cache_identity(recipe)
 
     def check_dir() -> dict | None:
-        manifest = _inspect_dir(out, identity)
-        if manifest is not None and manifest.get("complete"):
-            damaged = _damaged_shards(out, manifest)
-            if not damaged:
-                return manifest
-            print(f"cache {out}: redoing {len(damaged)} missing or damaged shard(s): "
-                  f"{', '.join(p.name for p in damaged)}", file=sys.stderr)
-            manifest = {k: v for k, v in manifest.items() if k not in ("shards", "summary")} | {"complete": False}
-            write_json_atomic(out / MANIFEST, manifest)
-            for path in damaged:
-                path.unlink(missing_ok=True)
-        return manifest
+        _inspect_dir(out, identity)  # refuses a folder that is not this recipe's cache, before locking it
+        if not out.is_dir():
+            return None  # locked when it is made, after every check
+        lock.take()
+        return _inspect_dir(out, identity)  # again: it may have changed before the lock was ours
 
     manifest = on_main_first(state, check_dir)
     if manifest is not None and manifest.get("complete"):
-        summary = _summary_from_manifest(manifest)
-        if state.is_main_process:
-            print(f"cache {out} is already complete; nothing to do")
-            print(summary.table())
-        return summary
+        damaged = _damaged_shards(out, manifest, state)
+        if not damaged:
+            summary = _summary_from_manifest(manifest)
+            if state.is_main_process:
+                print(f"cache {out} is already complete; nothing to do")
+                print(summary.table())
+            return summary
+        manifest = on_main_first(state, lambda: _reopen(out, manifest, damaged))
 
     # Everything a user can get wrong is checked before the weights load.
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(recipe.model)
@@ -199,18 +315,17 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
     requested_rows = data_mod.num_rows(d)
 
     def create() -> dict:
-        if manifest is not None:
+        lock.take()
+        current = _inspect_dir(out, identity)  # another run may have made it since check_dir
+        if current is not None:
             found = {"layers": layers, "d_model": d_model, "store_dtype": store_dtype, "num_model_layers": num_layers}
-            changed = [k for k, v in found.items() if manifest.get(k) != v]
+            changed = [k for k, v in found.items() if current.get(k) != v]
             if changed:
-                raise WorkbenchError(f"{out} was started with {', '.join(f'{k} {manifest.get(k)}' for k in changed)} but the "
-                                     f"model now gives {', '.join(f'{k} {found[k]}' for k in changed)}; the model changed "
-                                     "since: choose another collect.out; nothing was changed")
-            return manifest
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise write_error(out, err) from None
+                raise WorkbenchError(f"{out / MANIFEST} records {', '.join(f'{k} {current.get(k)}' for k in changed)} but "
+                                     f"the model gives {', '.join(f'{k} {found[k]}' for k in changed)}: the model changed "
+                                     "since the cache was started (or the manifest was edited); choose another "
+                                     "collect.out; nothing was changed")
+            return current
         new = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint(identity),
                "recipe": identity, "layers": layers, "num_model_layers": num_layers, "d_model": d_model,
                "store_dtype": store_dtype, "model_dtype": model_dtype, "chunk_rows": chunk_rows(d_model, store_dtype),
@@ -233,9 +348,11 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
     todo_rows = sum(min(rows_per_shard, requested_rows - s * rows_per_shard) for s in mine)
 
     start = time.perf_counter()
-    num_batches = _collect_shards(model, batches, set(mine), layers, d_model, store_dtype, recipe, tokenizer.bos_token_id,
-                                  device, todo_rows * d.context_length, state.is_main_process,
-                                  (state.process_index, state.num_processes))
+    with interrupts.deferred():
+        num_batches = _collect_shards(model, batches, set(mine), layers, d_model, store_dtype, recipe,
+                                      tokenizer.bos_token_id, device, todo_rows * d.context_length,
+                                      state.is_main_process, (state.process_index, state.num_processes),
+                                      interrupts.check)
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
 
@@ -283,10 +400,13 @@ class _Writes:
 
 def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], layers: list[int], d_model: int,
                     store_dtype: str, recipe: Recipe, bos: int | None, device: torch.device, total_tokens: int,
-                    show_progress: bool, process: tuple[int, int] = (0, 1)) -> int:
+                    show_progress: bool, process: tuple[int, int] = (0, 1),
+                    check_interrupt: Callable[[], None] = lambda: None) -> int:
     """The loop: forward the batches of the shards in `todo`, write them. Returns the number of batches
     in the data (every process iterates all of them, so all agree on it). Tokenization runs ahead in a
-    background thread and the writes behind in another, both overlapping the forward."""
+    background thread and the writes behind in another, both overlapping the forward. check_interrupt
+    runs before each batch: an interrupt or an error stops the loop there; both threads finish what
+    they are doing and end, the shard being written is deleted and every finished shard is kept."""
     from tqdm.auto import tqdm
 
     c, ctx = recipe.collect, recipe.data.context_length
@@ -298,8 +418,9 @@ def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], la
     stats: dict = {}
     num_batches = 0
     try:
-        with capture_resid_post(model, layers) as run:
-            for batch in prefetch(batches, depth=4):
+        with capture_resid_post(model, layers) as run, closing(prefetch(batches, depth=4)) as stream:
+            for batch in stream:
+                check_interrupt()
                 num_batches = batch.index + 1
                 shard = batch.index // c.shard_batches
                 if shard not in todo:
@@ -330,7 +451,8 @@ def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], la
 def _process_batch(run, batch: data_mod.Batch, device: torch.device, layers: list[int], recipe: Recipe,
                    bos: int | None, store_dtype: str, stats: dict) -> tuple[dict, dict]:
     """One forward; the sink filter and first-token removal per layer. Returns what ShardWriter.append
-    takes for every non-padding token, and adds the counts to `stats`."""
+    takes for every non-padding token, and adds the counts to `stats`. A NaN or Inf among them (from the
+    model, or from the conversion to store_dtype) is a WorkbenchError: it is never stored."""
     c = recipe.collect
     ids_BL, mask_BL = batch.input_ids_BL, batch.attention_mask_BL
     acts = run(input_ids=ids_BL.to(device), attention_mask=mask_BL.to(device))
@@ -348,10 +470,20 @@ def _process_batch(run, batch: data_mod.Batch, device: torch.device, layers: lis
     for layer in layers:
         acts_BLD = acts[layer]
         flt = sink_filter(acts_BLD, c.sink_multiple, valid_dev_BL, c.sink_median)
+        acts_ND = acts_BLD[valid_dev_BL]
+        stored_ND = acts_ND.to(getattr(torch, store_dtype))
+        finite_N = torch.isfinite(stored_ND).all(dim=1)
+        if not bool(finite_N.all()):
+            raise _nonfinite_error(recipe, layer, batch.index, tokens, acts_ND, finite_N, store_dtype)
+        if not math.isfinite(flt.median.item()):
+            raise WorkbenchError(f"layer {layer}: the sink filter's median norm of forward batch {batch.index} is "
+                                 f"{flt.median.item()}: collect.sink_median {c.sink_median} takes it over padding "
+                                 "positions too, where this model's output is not finite; set collect.sink_median=real "
+                                 "(a new recipe: use a new collect.out)")
         reason_BL = torch.where(first_BL, FIRST_TOKEN, torch.where(flt.sink_BL.cpu(), SINK, 0)).to(torch.uint8)
         reason = reason_BL[valid_BL].numpy()
         per_layer[layer] = {
-            "activations": to_stored(acts_BLD[valid_dev_BL].cpu(), store_dtype),
+            "activations": to_stored(stored_ND.cpu(), store_dtype),
             "norm": flt.norms_BL[valid_dev_BL].cpu().numpy(),
             "drop_reason": reason,
             "batch_median": flt.median.item(),
@@ -364,6 +496,26 @@ def _process_batch(run, batch: data_mod.Batch, device: torch.device, layers: lis
     stats["tokens"] += len(tokens["token_id"])
     stats["sequences"] += B
     return tokens, per_layer
+
+
+def _nonfinite_error(recipe: Recipe, layer: int, batch: int, tokens: dict, acts_ND: torch.Tensor, finite_N: torch.Tensor,
+                     store_dtype: str) -> WorkbenchError:
+    """What collection says for non-finite activations: where, and the fix for where they come from."""
+    rows = torch.nonzero(~finite_N).flatten().cpu().numpy()
+    where = ", ".join(f"sequence {tokens['sequence'][i]} position {tokens['position'][i]}" for i in rows[:3])
+    where += f" and {len(rows) - 3} more" if len(rows) > 3 else ""
+    model_dtype = str(acts_ND.dtype).removeprefix("torch.")
+    if bool(torch.isfinite(acts_ND[torch.from_numpy(rows).to(acts_ND.device)]).all()):
+        fix = (f"they are finite in the model's {model_dtype} but beyond the range of collect.store_dtype "
+               f"{store_dtype}: set collect.store_dtype=bfloat16 or float32")
+    elif model_dtype == "float16":
+        fix = "float16 overflows in this model: load it in bfloat16 or float32 (model.dtype=bfloat16)"
+    else:
+        fix = (f"the model computes them in {model_dtype}: check its weights ({recipe.model.name}) for NaN or Inf"
+               + (", or load it in float32 (model.dtype=float32)" if model_dtype == "bfloat16" else ""))
+    return WorkbenchError(f"layer {layer} gave non-finite activations (NaN or Inf) in forward batch {batch}, at "
+                          f"{len(rows)} token(s): {where}; {fix} (a changed recipe needs a new collect.out); nothing "
+                          "non-finite was stored and the finished shards are kept")
 
 
 def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int, done_before: set[int]) -> Summary:
@@ -382,11 +534,15 @@ def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int, d
         if not shard_is_complete(path):
             raise WorkbenchError(f"shard {path} is missing after collection; re-run the same command to redo it")
         size = path.stat().st_size
-        with h5py.File(path, "r") as h5:
-            stats = json.loads(h5.attrs["stats"])
-            shards.append({"file": shard_name(index), "num_tokens": int(h5.attrs["num_tokens"]),
-                           "num_batches": int(h5.attrs["num_batches"]), "first_batch": int(h5.attrs["first_batch"]),
-                           "bytes": size})
+        try:
+            with h5py.File(path, "r") as h5:
+                stats = json.loads(h5.attrs["stats"])
+                shards.append({"file": shard_name(index), "num_tokens": int(h5.attrs["num_tokens"]),
+                               "num_batches": int(h5.attrs["num_batches"]), "first_batch": int(h5.attrs["first_batch"]),
+                               "bytes": size})
+        except (OSError, KeyError, ValueError) as err:  # json's error is a ValueError
+            raise WorkbenchError(f"cannot read shard {path} ({(str(err).splitlines() or [type(err).__name__])[0]}); "
+                                 "delete it and re-run the same command to redo it") from None
         summary.tokens += stats["tokens"]
         summary.sequences += stats["sequences"]
         summary.bytes += size
@@ -402,6 +558,7 @@ def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int, d
 def _summary_from_manifest(manifest: dict) -> Summary:
     s = manifest["summary"]
     return Summary(tokens=s["tokens"], sequences=s["sequences"], shards=s["shards"], bytes=s["bytes"],
-                   layers={int(k): LayerStats(**v) for k, v in s["layers"].items()},
+                   layers={layer: LayerStats(*(s["layers"][str(layer)][k] for k in ("kept", "first_token", "sink")))
+                           for layer in manifest["layers"]},
                    requested_rows=int(manifest.get("requested_rows", 0)),
                    context_length=int(manifest["recipe"]["data"]["context_length"]))
