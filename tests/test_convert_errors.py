@@ -254,11 +254,18 @@ def test_k_turns_a_uniform_threshold_into_batchtopk_and_says_so(tmp_path, capsys
 
 # ---- 2. --k range ----
 
-@pytest.mark.parametrize("k", ["-5", "0", "100000"])
+@pytest.mark.parametrize("k", [-5, 0, 100000])
 def test_k_out_of_range_is_one_line(tmp_path, capsys, k):
+    """The CLI's argument parser refuses k < 1 itself; the conversion refuses k > d_sae, and any k out of
+    range when called from Python."""
     src = uniform_sl(tmp_path / "sl")
-    refused(capsys, f"--k {k} is not a positive integer up to d_sae={F}", "convert", src, "--to", "dictionary_learning",
-            "--out", tmp_path / "dl", "--k", k)
+    line = refused(capsys, "positive integer", "convert", src, "--to", "dictionary_learning", "--out", tmp_path / "dl",
+                   "--k", str(k))
+    assert "--k" in line and str(k) in line
+    if k > 0:
+        assert f"--k {k} is not a positive integer up to d_sae={F}" in line
+    with pytest.raises(WorkbenchError, match=f"--k {k} is not a positive integer up to d_sae={F}"):
+        convert(src, "dictionary_learning", tmp_path / "dl", k=k)
     assert not (tmp_path / "dl").exists()
 
 
