@@ -184,28 +184,30 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: P
     bar = tqdm(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}",
                disable=not acc.is_main_process, dynamic_ncols=True)
     tick, tick_step = time.perf_counter(), start
-    for step in range(start, plan.steps):
-        x_BD = next(batches).to(acc.device, non_blocking=True) / norm_factor
-        log = (step + 1) % log_every == 0 or step + 1 == plan.steps
-        logs = [trainer.update(x_BD, log=log) for trainer in trainers]
-        bar.update(1)
-        save = (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps  # the last: a kill while finishing redoes only that
-        if log or save:  # before anything records this step: a checkpoint must never hold NaN weights
-            _stop_if_nonfinite(trainers, t.saes, layer, plan, checkpoint_path)
-        if log:
-            now = time.perf_counter()
-            tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
-            tick, tick_step = now, step + 1
-            if acc.is_main_process:
-                for folder, entry in zip(folders, logs, strict=True):
-                    _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
-                                                       **entry, "tokens_per_s": tokens_per_s})
-                first = logs[0]
-                bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
-                                FVE=f"{first['frac_variance_explained']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-        if save:
-            _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
-    bar.close()
+    try:  # the bar ends its line, so that an error is printed on its own
+        for step in range(start, plan.steps):
+            x_BD = next(batches).to(acc.device, non_blocking=True) / norm_factor
+            log = (step + 1) % log_every == 0 or step + 1 == plan.steps
+            logs = [trainer.update(x_BD, log=log) for trainer in trainers]
+            bar.update(1)
+            save = (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps  # the last: a kill while finishing redoes only that
+            if log or save:  # before anything records this step: a checkpoint must never hold NaN weights
+                _stop_if_nonfinite(trainers, t.saes, layer, plan, checkpoint_path)
+            if log:
+                now = time.perf_counter()
+                tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
+                tick, tick_step = now, step + 1
+                if acc.is_main_process:
+                    for folder, entry in zip(folders, logs, strict=True):
+                        _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
+                                                           **entry, "tokens_per_s": tokens_per_s})
+                    first = logs[0]
+                    bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
+                                    FVE=f"{first['frac_variance_explained']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            if save:
+                _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
+    finally:
+        bar.close()
 
     def finish() -> None:
         # Every SAE of the layer is checked and evaluated before the first file is written.
