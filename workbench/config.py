@@ -77,12 +77,12 @@ class CollectConfig:
 
 @dataclass
 class SAEConfig:
-    name: str = "trainer_0"
+    name: str = "trainer_0"  # its folder under resid_post_layer_<L>/: letters, digits, '_' and '-'; unique
     arch: str = "batchtopk"  # batchtopk | matryoshka
     width: int = 4096
-    k: int = 32
-    group_fractions: list[float] | None = None  # matryoshka: fractions of width, summing to 1
-    group_weights: list[float] | None = None  # matryoshka: loss weight per group (default 1/n_groups)
+    k: int = 32  # latents a token on average (batch top-k), at most width
+    group_fractions: list[float] | None = None  # matryoshka: fractions of width, each > 0, summing to 1
+    group_weights: list[float] | None = None  # matryoshka: loss weight per group, >= 0 (default 1/n_groups)
 
 
 @dataclass
