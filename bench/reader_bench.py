@@ -59,10 +59,11 @@ def write_cache(root: Path, d_model: int, store_dtype: str, num_tokens: int) -> 
     num_batches = num_tokens // ROWS_PER_BATCH
     root.mkdir(parents=True)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": "synthetic", "layers": [0],
-                "d_model": d_model, "store_dtype": store_dtype, "chunk_rows": chunk_rows(d_model, store_dtype),
-                "requested_rows": num_batches, "complete": False,
-                "recipe": {"data": {"context_length": ROWS_PER_BATCH},
-                           "collect": {"drop_first_token": True, "sink_multiple": 10.0}}}
+                "num_model_layers": 1, "d_model": d_model, "model_dtype": store_dtype, "store_dtype": store_dtype,
+                "chunk_rows": chunk_rows(d_model, store_dtype), "requested_rows": num_batches, "complete": False,
+                "recipe": {"model": {"name": "synthetic"},
+                           "data": {"path": "synthetic", "context_length": ROWS_PER_BATCH, "packing": True},
+                           "collect": {"drop_first_token": True, "sink_multiple": 10.0, "sink_median": "real"}}}
     write_json_atomic(root / MANIFEST, manifest)
     acts = torch.randn(ROWS_PER_BATCH, d_model)
     for shard in range(-(-num_batches // BATCHES_PER_SHARD)):

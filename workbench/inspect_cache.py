@@ -55,13 +55,13 @@ def verify(cache: ActivationCache) -> str:
     if unverified:
         return (f"{n - unverified} of {n} shards verified; {unverified} have no checksums (written by cache format "
                 "version 1) and cannot be verified: collect again to add them")
-    return f"all {n} shards verified: every block matches its crc32"
+    return f"all {n} shards verified: every block matches its checksum (xxh3)"
 
 
 def _checksum_line(cache: ActivationCache) -> str:
     if int(cache.manifest["version"]) < 2:
         return "none (cache format version 1): reads check for NaN/Inf only, --verify cannot verify it"
-    return "crc32 of every block, checked by every read; --verify reads every shard"
+    return "xxh3 of every block, checked by every read; --verify reads every shard"
 
 
 def describe(path: str, top: int = 10, check: bool = False) -> str:
