@@ -25,7 +25,6 @@ Cost: five forwards of the whole model per batch (clean, then spliced and zeroed
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,12 +37,22 @@ from torch import nn
 
 from workbench.config import Recipe, load_recipe
 from workbench.data import LOCAL_SUFFIXES, Batch, iter_batches, iter_rows, num_rows
+from workbench.dist import process_state, resolve_device
 from workbench.embedded import PREFIX
 from workbench.errors import WorkbenchError
+from workbench.files import read_json_object, write_json
 from workbench.formats.convert import find_sae_folders
 from workbench.formats.dictionary_learning import EVAL_FILE, EXTRA_SECTION, load_folder
 from workbench.inference import recorded_filter
-from workbench.model import decoder_layers, hidden_states, load_model, load_tokenizer
+from workbench.model import (
+    d_model_of,
+    decoder_layers,
+    hidden_states,
+    load_config,
+    load_model,
+    load_tokenizer,
+    num_layers_of,
+)
 from workbench.sae import SAE
 from workbench.sink import first_token_mask, sink_filter
 
@@ -210,9 +219,14 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
     lm_name). The model is loaded and the held-out text tokenised once for all the SAEs. With write, each
     SAE's results are merged into its eval_results.json (the trainer's keys kept).
     """
-    loaded = [(folder, *load_folder(folder)) for folder in find_sae_folders(path, formats=("dictionary_learning",))]
+    from workbench.threshold import finish_interrupted_write
+
+    folders = find_sae_folders(path, formats=("dictionary_learning",))
+    for folder in folders:  # an interrupted threshold write would otherwise be completed over the merged results
+        finish_interrupted_write(folder)
+    loaded = [(folder, *load_folder(folder)) for folder in folders]
     for folder, _, config in loaded:
-        if "layer" not in config["trainer"]:
+        if config["trainer"].get("layer") is None:
             raise WorkbenchError(f"{folder}/config.json has no trainer.layer; cannot tell where to splice the SAE")
     lm_names = {config["trainer"].get("lm_name") for _, _, config in loaded} - {None}
     overrides = list(overrides)
@@ -223,7 +237,17 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
     if wrong:
         raise WorkbenchError(f"{path} holds SAEs trained on {', '.join(wrong)} but the recipe's model.name is "
                              f"{recipe.model.name}; evaluate them with the recipe they were trained with")
-    device = recipe.collect.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_config = load_config(recipe.model)  # the SAEs must fit the model before its weights load
+    num_layers, d_model = num_layers_of(model_config), d_model_of(model_config)
+    for folder, sae, config in loaded:
+        layer = config["trainer"]["layer"]
+        if not 0 <= layer < num_layers:
+            raise WorkbenchError(f"{folder} is an SAE of layer {layer}, but {recipe.model.name} has layers 0..{num_layers - 1}; "
+                                 "evaluate it with the model it was trained on")
+        if sae.activation_dim != d_model:
+            raise WorkbenchError(f"{folder} is an SAE of width {sae.activation_dim} activations, but {recipe.model.name} "
+                                 f"has d_model {d_model}; evaluate it with the model it was trained on")
+    device = resolve_device(recipe.collect.device, process_state(cpu=recipe.collect.device == "cpu"), "collect.device")
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, device)
     batches = list(iter_batches(heldout_rows(recipe, tokenizer), recipe.eval.batch_size, tokenizer.pad_token_id))
@@ -241,15 +265,9 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
 
 
 def _merge_json(path: Path, results: dict) -> None:
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged.update(results)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(merged, indent=4))
-        tmp.replace(path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        raise WorkbenchError(f"cannot write {path}: {str(err).splitlines()[0]}; check the folder is writable") from None
+    """eval_results.json with these keys added or replaced (the trainer's and threshold's kept)."""
+    merged = read_json_object(path, fix="fix or delete it (training wrote it)") or {}
+    write_json(path, merged | results, indent=4, resume="re-run `workbench eval`")
 
 
 def render(results: dict) -> str:

@@ -8,13 +8,13 @@ so re-running after a failure or a kill at any point continues with the first un
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from workbench.config import Recipe, fingerprint, to_dict
 from workbench.errors import WorkbenchError
+from workbench.files import read_json_object, write_json
 
 STATE_FILE = "pipeline.json"
 STAGES = ("collect", "train", "threshold", "eval", "export", "verify")
@@ -31,22 +31,17 @@ def _recipe_id(recipe: Recipe) -> str:
 def read_state(recipe: Recipe) -> dict:
     """The finished stages of this recipe's pipeline ({} when none, or when the recipe changed)."""
     path = _state_path(recipe)
-    if not path.is_file():
-        return {}
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return state.get("stages", {}) if state.get("recipe") == _recipe_id(recipe) else {}
+    fix = "delete it (every stage then checks its own outputs again, and skips what is done)"
+    state = read_json_object(path, fix=fix) or {}
+    stages = state.get("stages", {}) if state.get("recipe") == _recipe_id(recipe) else {}
+    if not isinstance(stages, dict) or not all(isinstance(v, dict) and "finished" in v for v in stages.values()):
+        raise WorkbenchError(f"{path} does not record pipeline stages; {fix}")
+    return stages
 
 
 def _mark_done(recipe: Recipe, stage: str, done: dict, info: dict) -> None:
-    from workbench.cache import write_json_atomic
-
     done[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    path = _state_path(recipe)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"recipe": _recipe_id(recipe), "stages": done})
+    write_json(_state_path(recipe), {"recipe": _recipe_id(recipe), "stages": done})
 
 
 def export_root(recipe: Recipe, fmt: str) -> Path:
@@ -73,13 +68,11 @@ def _sae_folders(recipe: Recipe) -> list[Path]:
 
 
 def stage_threshold(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dict:
-    from workbench.formats import dictionary_learning as dl
-    from workbench.threshold import calibrate, render
+    from workbench.threshold import calibrate, calibrated_method, render
 
     method = recipe.threshold.method
     for folder in _sae_folders(recipe):
-        record = (dl.read_config(folder).get(dl.EXTRA_SECTION) or {}).get("threshold") or {}
-        if record.get("method") == method:
+        if calibrated_method(folder) == method:
             continue
         print(render(calibrate(folder, cache=recipe.train.cache or recipe.collect.out, method=method,
                                batch_size=recipe.threshold.batch_size, num_tokens=recipe.threshold.num_tokens,

@@ -16,27 +16,41 @@ the previous threshold and method, and the report; eval_results.json's keys are 
 threshold on the same held-out tokens (workbench.metrics.evaluate; keys it does not compute, such as the
 LM-loss ones of `workbench eval`, are kept and predate the new threshold); sparsity.safetensors records
 each latent's firing frequency (for SAELens exports).
+
+The four files are written as one set: each to `<name>.staged` first, then the commit marker
+`threshold.commit.json`, then renamed into place. A kill before the marker leaves the SAE as it was; a
+kill after it leaves a write that the next `workbench threshold`, `workbench eval` or pipeline run
+completes (`finish_interrupted_write`) before it reads the folder, so ae.pt's threshold and
+config.json's history never disagree.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from workbench.cache import ActivationCache
 from workbench.config import ThresholdConfig
+from workbench.dist import process_state, resolve_device
 from workbench.errors import WorkbenchError
+from workbench.files import fsync_dir, read_json_object, write_atomic, write_error, write_json
 from workbench.formats import dictionary_learning as dl
 from workbench.metrics import evaluate, frac_variance_explained
 from workbench.sae import SAE, batch_topk, jumprelu
 
 METHODS = ("ema", "batch-min", "l0")
 DEFAULT_BATCH_SIZE = 2048  # when the SAE's config records no training batch size
+WRITTEN = (dl.AE_FILE, dl.CONFIG_FILE, dl.EVAL_FILE, dl.SPARSITY_FILE)  # the set a threshold write replaces
+STAGED = ".staged"  # <name>.staged: the new file, renamed over <name> once the commit marker is written
+COMMIT_FILE = "threshold.commit.json"  # {"files": [...]}: the staged files are the SAE now
 
 
 @dataclass
@@ -160,21 +174,34 @@ def _accumulate(acc: list[float], x_BD: torch.Tensor, f_BF: torch.Tensor, W_dec_
 def calibrate(folder: str | Path, cache: str | Path | None = None, method: str | None = None,
               batch_size: int | None = None, num_tokens: int | None = None, device: str | None = None,
               write: bool = True) -> ThresholdReport:
-    """Derive, report and (write=True) store the JumpReLU threshold of the SAE in `folder`."""
+    """Derive, report and (write=True) store the JumpReLU threshold of the SAE in `folder`.
+
+    method, batch_size, num_tokens: None takes the default (ThresholdConfig; batch_size: the SAE's training
+    batch); device: None is cuda when available, else cpu."""
     defaults = ThresholdConfig()
-    method = method or defaults.method
+    method = defaults.method if method is None else method
     if method not in METHODS:
         raise WorkbenchError(f"--method must be one of {', '.join(METHODS)} (got {method!r})")
+    for name, value in (("num-tokens", num_tokens), ("batch-size", batch_size)):
+        if value is not None and (type(value) is not int or value <= 0):
+            raise WorkbenchError(f"--{name} (threshold.{name.replace('-', '_')}) must be a positive number of tokens, "
+                                 f"got {value!r}; give a positive integer, or leave it out for the default")
+    dev = resolve_device(device, process_state(), "--device")
     folder = Path(folder)
+    if not folder.is_dir():
+        raise WorkbenchError(f"{folder} is not a directory; give an SAE folder (ae.pt + config.json)")
+    finish_interrupted_write(folder)
     sae, config = dl.load_folder(folder)
     extra = dict(config.get(dl.EXTRA_SECTION) or {})
     cache = cache or extra.get("cache")
     if cache is None:
         raise WorkbenchError(f"{folder}/config.json records no cache; pass --cache with activations of the SAE's layer")
     layer = config["trainer"].get("layer", extra.get("layer"))
-    batch_size = batch_size or defaults.batch_size or config.get("buffer", {}).get("out_batch_size") or DEFAULT_BATCH_SIZE
-    num_tokens = num_tokens or defaults.num_tokens
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if layer is None:
+        raise WorkbenchError(f"{folder}/config.json records no trainer.layer; cannot tell which layer of the cache to read")
+    if batch_size is None:
+        batch_size = defaults.batch_size or (config.get("buffer") or {}).get("out_batch_size") or DEFAULT_BATCH_SIZE
+    num_tokens = defaults.num_tokens if num_tokens is None else num_tokens
     sae = sae.to(dev).eval()
     with ActivationCache(cache) as c, torch.no_grad():
         if layer not in c.layers:
@@ -211,19 +238,78 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
 def _write(folder: Path, sae: SAE, config: dict, extra: dict, report: ThresholdReport, evals: dict,
            freq_F: torch.Tensor, ema: float) -> None:
     """ae.pt with the new threshold (set by the caller), the history in config.json, eval_results.json's
-    keys re-measured at the new threshold (others kept), and sparsity.safetensors."""
+    keys re-measured at the new threshold (others kept), and sparsity.safetensors: as one set (see the
+    module docstring). The files are those of dictionary_learning.save_folder and write_sparsity, under
+    their staged names."""
     sae = sae.cpu()
     extra["threshold"] = {"value": float(sae.threshold), "method": report.chosen, "previous": report.previous, "ema": ema,
                           "batch_size": report.batch_size, "num_tokens": report.num_tokens, "split": report.split,
                           "report": {m.method: {"threshold": m.threshold, "l0": m.l0, "fve": m.fve} for m in report.methods}
                           | {"batch_topk": {"l0": report.batch_topk_l0, "fve": report.batch_topk_fve}}}
     config[dl.EXTRA_SECTION] = extra
-    eval_path = folder / dl.EVAL_FILE
-    eval_results = dl.read_json(eval_path) or {}
+    eval_results = read_json_object(folder / dl.EVAL_FILE, fix="fix or delete it (the trainer wrote it)") or {}
     eval_results.update(evals)
-    dl.save_folder(sae, folder, config, eval_results)
-    sparsity_F = torch.log10(freq_F.float() + 1e-10)
-    dl.write_sparsity(folder, sparsity_F)
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sparsity_F = torch.log10(freq_F.float() + 1e-10).contiguous()
+    staged = {name: folder / (name + STAGED) for name in WRITTEN}
+    resume = "re-run the same command (the SAE was left as it was)"
+    try:
+        write_atomic(staged[dl.AE_FILE], lambda fh: torch.save(state, fh), resume)
+        write_json(staged[dl.CONFIG_FILE], config, indent=4, resume=resume)
+        write_json(staged[dl.EVAL_FILE], eval_results, indent=4, resume=resume)
+        write_atomic(staged[dl.SPARSITY_FILE], lambda fh: fh.write(safetensors_bytes({"sparsity": sparsity_F})), resume)
+        write_json(folder / COMMIT_FILE, {"files": list(WRITTEN)}, resume=resume)
+    except WorkbenchError:
+        _remove_staged(folder)
+        raise
+    _commit(folder, list(WRITTEN))
+
+
+def finish_interrupted_write(folder: str | Path) -> bool:
+    """Complete a threshold write that a kill interrupted after its commit marker (rename the staged
+    files into place), or discard one interrupted before it. Returns whether one was completed."""
+    folder = Path(folder)
+    marker = read_json_object(folder / COMMIT_FILE, fix=f"delete it and the {STAGED} files beside it, then re-run "
+                                                         "`workbench threshold`")
+    if marker is not None:
+        names = marker.get("files")
+        if not isinstance(names, list) or not set(names) <= set(WRITTEN):
+            raise WorkbenchError(f"{folder / COMMIT_FILE} does not list the files of a threshold write; delete it and the "
+                                 f"{STAGED} files beside it, then re-run `workbench threshold`")
+        _commit(folder, names)
+        print(f"{folder}: completed the threshold write an earlier run left unfinished", file=sys.stderr)
+    _remove_staged(folder)
+    return marker is not None
+
+
+def calibrated_method(folder: str | Path) -> str | None:
+    """The method of the threshold written into the SAE in `folder` (None: never calibrated), after
+    completing an interrupted write."""
+    finish_interrupted_write(folder)
+    return ((dl.read_config(folder).get(dl.EXTRA_SECTION) or {}).get("threshold") or {}).get("method")
+
+
+def _commit(folder: Path, names: list[str]) -> None:
+    """Rename the staged files over the live ones, then drop the marker (each step idempotent: a
+    repeated commit after another kill finds what is left to do)."""
+    try:
+        for name in names:
+            if (folder / (name + STAGED)).exists():
+                os.replace(folder / (name + STAGED), folder / name)
+        fsync_dir(folder)
+        (folder / COMMIT_FILE).unlink(missing_ok=True)
+    except OSError as err:
+        raise write_error(folder, err, resume="re-run `workbench threshold` to complete the write") from None
+    fsync_dir(folder)
+
+
+def _remove_staged(folder: Path) -> None:
+    """Staged files no marker commits (a write interrupted before its marker): the SAE is as it was."""
+    for path in [*folder.glob(f"*{STAGED}"), *folder.glob(f"*{STAGED}.tmp")]:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            raise write_error(path, err) from None
 
 
 def render(report: ThresholdReport) -> str:
