@@ -1,7 +1,7 @@
 """The command line: a thin layer over the Python API.
 
     workbench collect RECIPE [key=value ...]     activations -> HDF5 cache
-    workbench inspect CACHE                      what a cache holds, with its sink statistics
+    workbench inspect CACHE [--verify]           what a cache holds, with its sink statistics
     workbench train RECIPE [key=value ...]       HDF5 cache -> BatchTopK / Matryoshka SAEs
     workbench run RECIPE [key=value ...]         the whole pipeline, each stage resumed or skipped when done
     workbench plan RECIPE [key=value ...]        what a recipe means (layers, tokens, disk, steps, paths), offline
@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from workbench.inspect_cache import describe
 
-    print(describe(args.cache, top=args.top))
+    print(describe(args.cache, top=args.top, check=args.verify))
     return 0
 
 
@@ -252,6 +252,8 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache")
     p.add_argument("--top", type=_count, default=10, help="most frequent sink tokens to list")
+    p.add_argument("--verify", action="store_true", help="read every shard and check every block against its "
+                                                         "checksum (a corrupt shard: exit 2, naming it)")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
