@@ -492,6 +492,13 @@ def test_two_saes_that_would_share_an_export_folder_are_refused(tmp_path, capsys
     assert not (tmp_path / "export").exists()
 
 
+def test_an_sae_without_a_layer_cannot_be_named_in_an_export(tmp_path, capsys):
+    run = run_of(tmp_path / "run", layers=(2,))
+    edit_json(run / "resid_post_layer_2" / "trainer_0" / dl.CONFIG_FILE, lambda c: c["trainer"].update(layer=None))
+    refused(capsys, "config.json records no trainer.layer", "export", run, "--to", "saelens", "--out", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
 # ---- 5. writes that fail ----
 
 def test_out_under_a_file_is_one_line(tmp_path, capsys):
