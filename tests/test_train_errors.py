@@ -159,7 +159,7 @@ def test_a_finished_sae_of_another_recipe_is_refused_and_the_same_recipe_skips(f
     folder = out / f"resid_post_layer_{LAYER}" / "btk"
     rc, err = train_cli(capsys, write_recipe(tmp_path / "k16.yaml", cache, out, saes=[BTK | {"k": 16}]))
     line = error_line(err)
-    assert rc == 2 and f"{folder} holds a finished SAE made by a different train recipe or cache" in line
+    assert rc == 2 and f"{folder} holds a finished SAE made by a different train recipe or cache (k 8 there, 16 here)" in line
     assert "choose another train.out, or delete that SAE folder to train it again; nothing was changed" in line
     assert digests(out) == before
 

@@ -114,10 +114,17 @@ def _check_out(t: TrainConfig, plans: dict[int, Plan]) -> None:
     for layer, plan in plans.items():
         for cfg in t.saes:
             folder = layer_dir(t.out, layer) / cfg.name
-            made_by = _made_by(folder)
-            if made_by is not None and made_by != plan.fingerprint:
-                raise WorkbenchError(f"{folder} holds a finished SAE made by a different train recipe or cache; choose "
-                                     "another train.out, or delete that SAE folder to train it again; nothing was changed")
+            config = _finished_config(folder)
+            if config is not None and _fingerprint_of(config) != plan.fingerprint:
+                trainer = config["trainer"] if isinstance(config.get("trainer"), dict) else {}
+                extra = config[dl_format.EXTRA_SECTION] if isinstance(config.get(dl_format.EXTRA_SECTION), dict) else {}
+                found = {"arch": extra.get("arch"), "width": trainer.get("dict_size"), "k": trainer.get("k"),
+                         "steps": trainer.get("steps")}
+                wanted = {"arch": cfg.arch, "width": cfg.width, "k": cfg.k, "steps": plan.steps}
+                diffs = ", ".join(f"{key} {found[key]} there, {wanted[key]} here" for key in found if found[key] != wanted[key])
+                raise WorkbenchError(f"{folder} holds a finished SAE made by a different train recipe or cache"
+                                     f"{f' ({diffs})' if diffs else ''}; choose another train.out, or delete that SAE "
+                                     "folder to train it again; nothing was changed")
 
 
 def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
@@ -402,12 +409,15 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
     return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: workbench}
 
 
-def _made_by(folder: Path) -> str | None:
-    """The train fingerprint of the finished SAE in `folder` ("" for one the workbench did not train),
-    or None when it holds none (config.json is written after ae.pt, so a folder without it holds none)."""
+def _finished_config(folder: Path) -> dict | None:
+    """config.json of the finished SAE in `folder`, or None when it holds none (config.json is written
+    after ae.pt, so a folder without it holds none)."""
     config = read_json_object(folder / dl_format.CONFIG_FILE, fix="delete that SAE folder to train it again")
-    if config is None or not (folder / dl_format.AE_FILE).is_file():
-        return None
+    return config if config is not None and (folder / dl_format.AE_FILE).is_file() else None
+
+
+def _fingerprint_of(config: dict) -> str:
+    """The train fingerprint a config.json records ("" for an SAE the workbench did not train)."""
     extra = config.get(dl_format.EXTRA_SECTION)
     return str(extra.get("train_fingerprint") or "") if isinstance(extra, dict) else ""
 
@@ -415,7 +425,8 @@ def _made_by(folder: Path) -> str | None:
 def _is_complete(folder: Path, plan: Plan, t: TrainConfig) -> bool:
     """A finished SAE of this very plan: its files are there and its config names the plan."""
     needed = [dl_format.AE_FILE, dl_format.CONFIG_FILE] + ([dl_format.EVAL_FILE] if t.eval_tokens > 0 else [])
-    return all((folder / name).is_file() for name in needed) and _made_by(folder) == plan.fingerprint
+    config = _finished_config(folder) if all((folder / name).is_file() for name in needed) else None
+    return config is not None and _fingerprint_of(config) == plan.fingerprint
 
 
 def _write_checkpoint(acc, path: Path, plan: Plan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
