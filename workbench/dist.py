@@ -5,7 +5,7 @@ lock, a manifest, a checkpoint) reports its failure to all of them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -70,3 +70,13 @@ def on_main_first(state, fn: Callable[[], Any]) -> Any:
     if status == "error":
         raise WorkbenchError(value)
     return value
+
+
+class Collective(Protocol):
+    """What the batch top-k selection needs from data parallelism: this process's rank among world_size,
+    and `cat`, which concatenates a tensor along dim 0 across processes in rank order."""
+
+    rank: int
+    world_size: int
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor: ...

@@ -1,0 +1,31 @@
+"""The SAEs: the modules (BatchTopK, Matryoshka BatchTopK) and the sparse training path they train with."""
+
+from workbench.sae.modules import (
+    SAE,
+    BatchTopKSAE,
+    MatryoshkaBatchTopKSAE,
+    matryoshka_group_sizes,
+    unit_norm_rows,
+)
+from workbench.sae.sparse import (
+    Kept,
+    batch_topk,
+    batch_topk_select,
+    decode_kept,
+    encode_kept,
+    jumprelu,
+)
+
+__all__ = [
+    "SAE",
+    "BatchTopKSAE",
+    "Kept",
+    "MatryoshkaBatchTopKSAE",
+    "batch_topk",
+    "batch_topk_select",
+    "decode_kept",
+    "encode_kept",
+    "jumprelu",
+    "matryoshka_group_sizes",
+    "unit_norm_rows",
+]

@@ -1,0 +1,212 @@
+"""The sparse training path: the batch top-k selection as an index set (`Kept`), found without a full
+top-k over B*F, and the encoder/decoder products restricted to the k*B kept entries, forward and backward.
+The two rules the SAE modules encode with (`jumprelu` at inference, `batch_topk` dense) are here too.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from workbench.dist import Collective
+
+if TYPE_CHECKING:
+    from workbench.sae.modules import SAE
+
+
+@dataclass
+class Kept:
+    """The kept entries of a [B, F] code, in row-major order: rows [N], cols [N] (int64).
+
+    Builds the CSR index structures the sparse products need: `csr(vals)` is the [B, F] matrix and
+    `csr_t(vals)` its transpose [F, B] (for the weight gradients).
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    shape: tuple[int, int]
+    _t_order: torch.Tensor | None = field(default=None, repr=False)
+
+    @staticmethod
+    def from_flat(flat_idx: torch.Tensor, shape: tuple[int, int]) -> Kept:
+        """From sorted indices into the flattened [B*F] code."""
+        return Kept(flat_idx // shape[1], flat_idx % shape[1], shape)
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def csr(self, vals_N: torch.Tensor) -> torch.Tensor:
+        return _csr(_crow(self.rows, self.shape[0]), self.cols, vals_N, self.shape)
+
+    def csr_t(self, vals_N: torch.Tensor) -> torch.Tensor:
+        if self._t_order is None:  # column-major order: sort by (col, row); the keys are unique
+            self._t_order = torch.sort(self.cols * self.shape[0] + self.rows).indices
+        order = self._t_order
+        return _csr(_crow(self.cols, self.shape[1]), self.rows[order], vals_N[order], self.shape[::-1])
+
+    def dense(self, vals_N: torch.Tensor) -> torch.Tensor:
+        out_BF = torch.zeros(self.shape, dtype=vals_N.dtype, device=vals_N.device)
+        return out_BF.index_put_((self.rows, self.cols), vals_N)
+
+    def by_group(self, bounds: list[int]) -> Kept:
+        """Each row split by latent group (group g: bounds[g] <= col < bounds[g + 1]): entry (b, f) moves
+        to row b * G + g of a [B * G, F] code, whose product with W_dec holds each group's part of each
+        reconstruction. Row-major order is kept: within a row, the groups are column ranges."""
+        inner = torch.tensor(bounds[1:-1], device=self.cols.device)
+        group_N = torch.bucketize(self.cols, inner, right=True)
+        n_groups = len(bounds) - 1
+        return Kept(self.rows * n_groups + group_N, self.cols, (self.shape[0] * n_groups, self.shape[1]))
+
+
+def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the operations used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False)
+
+
+def _crow(rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
+    counts = torch.bincount(rows_N, minlength=n_rows)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def batch_topk_select(pre_BF: torch.Tensor, n_keep: int, comm: Collective | None = None) -> tuple[Kept, torch.Tensor]:
+    """The batch top-k rule as an index set: the n_keep largest entries of relu(pre_BF), positive only.
+
+    pre_BF may be taken before the relu (the trainer saves that pass over B*F). Returns (kept, vals_N).
+    In one process the set is exactly `relu(pre).flatten().topk(n_keep)`'s minus its zero entries (which
+    carry neither value nor gradient), ties at the cut included: topk itself breaks them. Across
+    data-parallel processes (`comm`, each holding an equal share of the global batch), n_keep counts
+    the global batch and the selection is global; ties at the cut go to the lowest rank.
+    """
+    flat = pre_BF.reshape(-1)
+    if comm is None or comm.world_size == 1:
+        idx = _topk_indices(flat, min(n_keep, flat.numel()))
+    else:
+        idx = _global_topk_indices(flat, n_keep, comm)
+    idx = idx[flat[idx] > 0]
+    return Kept.from_flat(idx, tuple(pre_BF.shape)), flat[idx]
+
+
+def _topk_indices(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """Sorted indices of `relu(flat).topk(n)`, found without a full top-k when possible.
+
+    A quantile of a strided sample gives a cut that leaves ~1.5x n candidates above it; the n-th
+    largest value is then found among the candidates only. Too few candidates, or a tie straddling
+    the cut (not rare in float32 at these sizes), and topk itself decides, as in the reference.
+    """
+    cut = _candidate_cut(flat, n / flat.numel(), lambda t: t)
+    if cut is not None:
+        cand_idx = torch.nonzero(flat > cut).squeeze(1)
+        if cand_idx.numel() >= n:
+            cand_vals = flat[cand_idx]
+            keep = cand_vals >= cand_vals.topk(n, sorted=False).values.min()
+            if int(keep.sum()) == n:
+                return cand_idx[keep]
+    return torch.relu(flat).topk(n, sorted=False).indices.sort().values
+
+
+def _global_topk_indices(flat: torch.Tensor, n: int, comm: Collective) -> torch.Tensor:
+    """Sorted local indices of this process's share of the global top-n (the same candidate scheme)."""
+    n = min(n, int(comm.cat(torch.tensor([flat.numel()], device=flat.device)).sum()))
+    cut = _candidate_cut(flat, n / (flat.numel() * comm.world_size), comm.cat)
+    cand_idx = torch.nonzero(flat > cut).squeeze(1) if cut is not None else None
+    counts = comm.cat(torch.tensor([-1 if cand_idx is None else cand_idx.numel()], device=flat.device))
+    if bool((counts < 0).any()) or int(counts.sum()) < n:
+        cand_idx = torch.arange(flat.numel(), device=flat.device)
+        counts = comm.cat(torch.tensor([flat.numel()], device=flat.device))
+    cand_vals = flat[cand_idx]
+    # The n-th largest value of all processes' candidates: each sends its own top min(n, width).
+    width = min(n, int(counts.max()))
+    padded = torch.full((width,), -math.inf, dtype=flat.dtype, device=flat.device)
+    local_top = cand_vals.topk(min(width, cand_vals.numel()), sorted=False).values
+    padded[: local_top.numel()] = local_top
+    cutoff = comm.cat(padded).topk(n, sorted=False).values.min()
+    if cutoff <= 0:
+        return torch.nonzero(flat > 0).squeeze(1)
+    keep = cand_vals > cutoff
+    tied = torch.nonzero(cand_vals == cutoff).squeeze(1)
+    # Ties at the cut: the lowest ranks' entries first, until n are kept in all.
+    n_above = int(comm.cat(keep.sum().reshape(1)).sum())
+    tied_before = int(comm.cat(torch.tensor([tied.numel()], device=flat.device))[: comm.rank].sum())
+    keep[tied[: max(0, n - n_above - tied_before)]] = True
+    return cand_idx[keep]
+
+
+def _candidate_cut(flat: torch.Tensor, frac: float, cat: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+    """A value with (very likely) more than frac * numel entries above it, from a strided sample."""
+    if frac > 0.05 or flat.numel() < 1 << 14:
+        return None
+    stride = flat.numel() // 8192 | 1  # odd, so a power-of-two F does not alias the sample onto few columns
+    sample = cat(flat[stride // 2:: stride])
+    expected = frac * sample.numel()
+    m = min(sample.numel(), int(1.5 * expected + 4 * math.sqrt(expected)) + 8)
+    cut = sample.topk(m).values[-1].item()
+    return cut if cut > 0 else None
+
+
+def jumprelu(pre_BF: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """The inference rule: each token's pre-activations above the threshold (strict >), the rest zero ([B, F])."""
+    return pre_BF * (pre_BF > threshold)
+
+
+def batch_topk(pre_BF: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k*B largest entries of pre_BF over the whole flattened batch; zero the rest ([B, F])."""
+    kept, vals_N = batch_topk_select(pre_BF, k * pre_BF.shape[0])
+    return kept.dense(vals_N)
+
+
+class _EncodeKept(torch.autograd.Function):
+    """The kept pre-activations as a differentiable function of the encoder: the forward takes the
+    values already computed (dense, without autograd) and the backward touches only the kept entries."""
+
+    @staticmethod
+    def forward(ctx, vals_N, x_BD, b_dec_D, W_enc_DF, b_enc_F, kept: Kept):
+        ctx.save_for_backward(x_BD, b_dec_D, W_enc_DF)
+        ctx.kept = kept
+        return vals_N.clone()
+
+    @staticmethod
+    def backward(ctx, g_N):
+        x_BD, b_dec_D, W_enc_DF = ctx.saved_tensors
+        kept: Kept = ctx.kept
+        # Kept entries are positive, so relu passes the gradient unchanged.
+        g_b_enc_F = torch.zeros(kept.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, kept.cols, g_N)
+        g_W_enc_FD = kept.csr_t(g_N) @ (x_BD - b_dec_D)
+        g_b_dec_D = -(W_enc_DF @ g_b_enc_F)
+        return None, None, g_b_dec_D, g_W_enc_FD.T, g_b_enc_F, None
+
+
+class _DecodeKept(torch.autograd.Function):
+    """f @ W_dec for a code with N kept entries: O(N * D) forward and backward instead of O(B * F * D)."""
+
+    @staticmethod
+    def forward(ctx, vals_N, W_dec_FD, kept: Kept):
+        W_dec_FD = W_dec_FD.contiguous()
+        ctx.save_for_backward(vals_N, W_dec_FD)
+        ctx.kept = kept
+        return kept.csr(vals_N) @ W_dec_FD
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        vals_N, W_dec_FD = ctx.saved_tensors
+        kept: Kept = ctx.kept
+        g_BD = g_BD.contiguous()
+        # d/d f[b, f] = <g[b], W_dec[f]>, evaluated only where f is kept.
+        g_vals_N = torch.sparse.sampled_addmm(kept.csr(vals_N), g_BD, W_dec_FD.T, beta=0.0).values()
+        g_W_dec_FD = kept.csr_t(vals_N) @ g_BD
+        return g_vals_N, g_W_dec_FD, None
+
+
+def encode_kept(sae: SAE, x_BD: torch.Tensor, vals_N: torch.Tensor, kept: Kept) -> torch.Tensor:
+    """The kept latents' values [N] (equal to vals_N), with gradients to W_enc, b_enc and b_dec."""
+    return _EncodeKept.apply(vals_N, x_BD, sae.b_dec, sae.W_enc_DF, sae.b_enc_F, kept)
+
+
+def decode_kept(f_N: torch.Tensor, W_dec_FD: torch.Tensor, kept: Kept) -> torch.Tensor:
+    """sum over kept (b, f) of f[b, f] * W_dec[f] -> [B, D], without b_dec."""
+    return _DecodeKept.apply(f_N, W_dec_FD, kept)
