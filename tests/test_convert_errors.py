@@ -499,6 +499,18 @@ def test_an_sae_without_a_layer_cannot_be_named_in_an_export(tmp_path, capsys):
     assert not (tmp_path / "export").exists()
 
 
+def test_hand_edited_values_the_model_card_shows_are_one_line_or_shown_as_unmeasured(tmp_path, capsys):
+    run = run_of(tmp_path / "run", layers=(2,))
+    folder = run / "resid_post_layer_2" / "trainer_0"
+    edit_json(folder / dl.EVAL_FILE, lambda e: e.update(l0="n/a"))
+    export_run(run, "saelens", tmp_path / "export")
+    assert "| 2 | `blocks.2.hook_resid_post` | 64 | - | 0.800 |" in (tmp_path / "export" / "README.md").read_text()
+    edit_json(folder / dl.CONFIG_FILE, lambda c: c["workbench"].update(sink_multiple="ten"))
+    refused(capsys, "workbench.sink_multiple is 'ten', not a number", "export", run, "--to", "saelens", "--out",
+            tmp_path / "export2")
+    assert not (tmp_path / "export2").exists()
+
+
 # ---- 5. writes that fail ----
 
 def test_out_under_a_file_is_one_line(tmp_path, capsys):

@@ -100,37 +100,37 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
         per_layer[s["layer"]] = per_layer.get(s["layer"], 0) + 1
     ids: dict[str, Path] = {}
     files = [CARD_FILE]
-    for folder, s in zip(folders, sources, strict=True):
-        s["sae_id"] = export_id(to, series, s["layer"], folder.name, several_in_layer=per_layer[s["layer"]] > 1)
-        if s["sae_id"] in ids:
-            raise WorkbenchError(f"{ids[s['sae_id']]} and {folder} would both export to {out / s['sae_id']} (same layer "
-                                 "and folder name); rename one of the folders")
-        ids[s["sae_id"]] = folder
-        names = ([n for n in DL_FILES if (folder / n).is_file()] if to == "dictionary_learning"
-                 else saelens.folder_files(s["weights"]))
-        files += [f"{s['sae_id']}/{n}" for n in names]
-    return write_output(out, run_dir, "export", to, files, lambda: _write_all(folders, sources, to, out, series))
-
-
-def _write_all(folders: list[Path], sources: list[dict], to: str, out: Path, series: str) -> list[ExportedSAE]:
     exported = []
     for folder, s in zip(folders, sources, strict=True):
-        dest = out / s["sae_id"]
-        if to == "dictionary_learning":
-            for name in DL_FILES:
-                if (folder / name).is_file():
-                    _copy(folder / name, dest / name)
-        else:
-            weights = s["weights"]
-            if weights.info.prepend_bos is None:
-                weights.info.prepend_bos = _prepend_bos(weights.info.workbench.get("cache"))
-            saelens.write_weights(weights, dest)
-        exported.append(ExportedSAE(source=folder, folder=dest, sae_id=s["sae_id"], name=folder.name, layer=s["layer"],
+        sae_id = export_id(to, series, s["layer"], folder.name, several_in_layer=per_layer[s["layer"]] > 1)
+        if sae_id in ids:
+            raise WorkbenchError(f"{ids[sae_id]} and {folder} would both export to {out / sae_id} (same layer and folder "
+                                 "name); rename one of the folders")
+        ids[sae_id] = folder
+        names = ([n for n in DL_FILES if (folder / n).is_file()] if to == "dictionary_learning"
+                 else saelens.folder_files(s["weights"]))
+        files += [f"{sae_id}/{n}" for n in names]
+        exported.append(ExportedSAE(source=folder, folder=out / sae_id, sae_id=sae_id, name=folder.name, layer=s["layer"],
                                     dict_class=s["dict_class"], width=s["width"], k=s["k"], group_sizes=s["group_sizes"],
                                     threshold=s["threshold"], threshold_method=s["threshold_method"],
                                     l0=s["l0"], fve=s["fve"], frac_recovered=s["frac_recovered"],
                                     kl_div=s["kl_div"]))
-    write_text(out / CARD_FILE, render_model_card(exported, to, series, dl.read_config(folders[0])))
+    card = render_model_card(exported, to, series, dl.read_config(folders[0]))
+    return write_output(out, run_dir, "export", to, files, lambda: _write_all(exported, sources, to, out, card))
+
+
+def _write_all(exported: list[ExportedSAE], sources: list[dict], to: str, out: Path, card: str) -> list[ExportedSAE]:
+    for e, s in zip(exported, sources, strict=True):
+        if to == "dictionary_learning":
+            for name in DL_FILES:
+                if (e.source / name).is_file():
+                    _copy(e.source / name, e.folder / name)
+        else:
+            weights = s["weights"]
+            if weights.info.prepend_bos is None:
+                weights.info.prepend_bos = _prepend_bos(weights.info.workbench.get("cache"))
+            saelens.write_weights(weights, e.folder)
+    write_text(out / CARD_FILE, card)
     return exported
 
 
@@ -153,8 +153,12 @@ def _describe(folder: Path) -> dict:
     # Only the BatchTopK classes have a scalar JumpReLU threshold, -1 until calibrated.
     threshold = weights.constant_threshold() if trainer["dict_class"] in dl.TRAINER_CLASS else None
     evals = weights.info.eval_results or {}
-    history = (config.get(dl.EXTRA_SECTION) or {}).get("threshold")
-    history = history if isinstance(history, dict) else {}
+    extra = config.get(dl.EXTRA_SECTION) or {}
+    multiple = extra.get("sink_multiple")
+    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int | float)):
+        raise WorkbenchError(f"{folder / dl.CONFIG_FILE}: workbench.sink_multiple is {multiple!r}, not a number (the "
+                             "model card states the sink filter); fix it and export again")
+    history = extra.get("threshold") if isinstance(extra.get("threshold"), dict) else {}
     return {"weights": weights, "layer": trainer.get("layer"), "model": trainer.get("lm_name"),
             "dict_class": trainer["dict_class"], "width": weights.dict_size, "k": weights.k,
             "group_sizes": weights.group_sizes, "threshold": threshold,

@@ -66,7 +66,8 @@ def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: di
 
 
 def _num(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+    """A metric for a table cell; "-" when it was not measured (or is not a number)."""
+    return format(value, fmt) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
 
 
 def _loading(example: ExportedSAE, fmt: str) -> list[str]:
