@@ -37,7 +37,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from workbench.cache import prefetch  # noqa: E402
 from workbench.config import TrainConfig  # noqa: E402
-from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, batch_topk_select, matryoshka_group_sizes  # noqa: E402
+from workbench.sae import batch_topk_select  # noqa: E402
+from workbench.sae.registry import ARCHITECTURES  # noqa: E402
 from workbench.train import Plan, _global_batches  # noqa: E402
 from workbench.trainer import Trainer  # noqa: E402
 
@@ -81,9 +82,7 @@ def make_batches(n: int) -> torch.Tensor:
 
 def new_sae(arch: str):
     torch.manual_seed(0)
-    if arch == "matryoshka":
-        return MatryoshkaBatchTopKSAE(D, F, K, matryoshka_group_sizes(F, FRACTIONS))
-    return BatchTopKSAE(D, F, K)
+    return ARCHITECTURES[arch].build(D, F, K, FRACTIONS)
 
 
 def time_workbench(arch: str, batches) -> float:

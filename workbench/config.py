@@ -78,7 +78,7 @@ class CollectConfig:
 @dataclass
 class SAEConfig:
     name: str = "trainer_0"  # its folder under resid_post_layer_<L>/: letters, digits, '_' and '-'; unique
-    arch: str = "batchtopk"  # batchtopk | matryoshka
+    arch: str = "batchtopk"  # batchtopk | matryoshka: a name in workbench.sae.registry.ARCHITECTURES
     width: int = 4096
     k: int = 32  # latents a token on average (batch top-k), at most width
     group_fractions: list[float] | None = None  # matryoshka: fractions of width, each > 0, summing to 1
@@ -523,27 +523,29 @@ def _validate_train(t: TrainConfig) -> None:
 
 
 def _validate_sae(sae: SAEConfig, where: str) -> None:
-    _choice(f"{where}.arch", sae.arch, ("batchtopk", "matryoshka"))
+    from workbench.sae.registry import ARCHITECTURES
+
+    _choice(f"{where}.arch", sae.arch, tuple(ARCHITECTURES))
     _positive(f"{where}.width", sae.width)
     _positive(f"{where}.k", sae.k)
     if sae.k > sae.width:
         raise WorkbenchError(f"{where}.k ({sae.k}) is larger than its width ({sae.width}): batch top-k keeps k of "
                              "the width latents a token; lower k or raise the width")
-    if sae.arch != "matryoshka":
+    arch = ARCHITECTURES[sae.arch]
+    if "group_fractions" not in arch.recipe_keys:
         if sae.group_fractions is not None or sae.group_weights is not None:
-            raise WorkbenchError(f"{where}.group_fractions and group_weights are for arch matryoshka only; remove "
-                                 "them or set arch: matryoshka")
+            grouped = ", ".join(a.name for a in ARCHITECTURES.values() if "group_fractions" in a.recipe_keys)
+            raise WorkbenchError(f"{where}.group_fractions and group_weights are for arch {grouped} only; remove "
+                                 f"them or set arch: {grouped}")
         return
-    from workbench.sae import matryoshka_group_sizes
-
     fractions = sae.group_fractions
     if not fractions:
-        raise WorkbenchError(f"{where}.group_fractions is required for arch matryoshka, e.g. [0.25, 0.75]")
+        raise WorkbenchError(f"{where}.group_fractions is required for arch {sae.arch}, e.g. [0.25, 0.75]")
     if not all(f > 0 for f in fractions):
         raise WorkbenchError(f"{where}.group_fractions entries must be > 0 (got {fractions})")
     if not math.isclose(sum(fractions), 1.0):  # dictionary_learning's own check
         raise WorkbenchError(f"{where}.group_fractions must sum to 1 (got {fractions}, sum {sum(fractions)!r})")
-    sizes = matryoshka_group_sizes(sae.width, list(fractions))
+    sizes = arch.group_sizes(sae.width, fractions)
     if min(sizes) < 1:
         raise WorkbenchError(f"{where}.group_fractions {fractions} give group sizes {sizes} at width {sae.width}: "
                              "every group needs at least one latent; raise the small fractions or the width")

@@ -31,6 +31,7 @@ from workbench.formats.convert import find_sae_folders
 from workbench.formats.output import write_output
 from workbench.formats.weights import hook_name
 from workbench.model_card import render_model_card
+from workbench.sae.registry import BY_DICT_CLASS, MATRYOSHKA
 
 TARGETS = ("dictionary_learning", "saelens")
 CARD_FILE = "README.md"
@@ -94,7 +95,7 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
                              f"SAEs): {', '.join(uncalibrated)}; run `workbench threshold FOLDER` on each, or pass "
                              "--allow-uncalibrated")
     series = series_name or default_series_name(sources[0]["model"],
-                                                all(s["dict_class"] == "MatryoshkaBatchTopKSAE" for s in sources))
+                                                all(BY_DICT_CLASS.get(s["dict_class"]) is MATRYOSHKA for s in sources))
     per_layer: dict[int | None, int] = {}
     for s in sources:
         per_layer[s["layer"]] = per_layer.get(s["layer"], 0) + 1
@@ -151,7 +152,7 @@ def _describe(folder: Path) -> dict:
     trainer = config["trainer"]
     weights = dl.read_weights(folder)
     # Only the BatchTopK classes have a scalar JumpReLU threshold, -1 until calibrated.
-    threshold = weights.constant_threshold() if trainer["dict_class"] in dl.TRAINER_CLASS else None
+    threshold = weights.constant_threshold() if trainer["dict_class"] in BY_DICT_CLASS else None
     evals = weights.info.eval_results or {}
     extra = config.get(dl.EXTRA_SECTION) or {}
     multiple = extra.get("sink_multiple")

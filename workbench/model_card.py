@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from workbench.sae.registry import BY_DICT_CLASS
+
 if TYPE_CHECKING:
     from workbench.export import ExportedSAE
-
-ARCH_NAMES = {"BatchTopKSAE": "BatchTopK", "MatryoshkaBatchTopKSAE": "Matryoshka BatchTopK"}
 
 
 def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: dict) -> str:
@@ -17,7 +17,7 @@ def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: di
     for what the whole run shares (model, data, sink filter)."""
     extra = config.get("workbench") or {}
     model = config["trainer"].get("lm_name") or "the model"
-    archs = sorted({ARCH_NAMES.get(s.dict_class, s.dict_class) for s in saes})
+    archs = sorted({_arch_name(s.dict_class) for s in saes})
     layers = sorted({s.layer for s in saes if s.layer is not None})
     out = [f"# {series}", "",
            f"{len(saes)} {' / '.join(archs)} sparse autoencoders on the residual stream of `{model}` "
@@ -39,7 +39,7 @@ def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: di
         seen.add(s.name)
         groups = ", ".join(map(str, s.group_sizes)) if s.group_sizes else "-"
         thresh = f"{s.threshold_method}" if s.threshold is not None and s.threshold >= 0 else "not set (-1)"
-        out.append(f"| {s.name} | {ARCH_NAMES.get(s.dict_class, s.dict_class)} | {s.width} | {s.k} | {groups} | {thresh} |")
+        out.append(f"| {s.name} | {_arch_name(s.dict_class)} | {s.width} | {s.k} | {groups} | {thresh} |")
     out += ["", "The threshold column says how each SAE's scalar JumpReLU threshold was derived "
             "(`workbench threshold`: ema = the training estimate, batch-min = the BatchTopK paper's "
             "estimator, l0 = calibrated so the mean L0 on held-out tokens equals k); each SAE's config.json "
@@ -63,6 +63,12 @@ def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: di
     out += _loading(saes[0], fmt)
     out += _sink_note(extra)
     return "\n".join(out) + "\n"
+
+
+def _arch_name(dict_class: str) -> str:
+    """The architecture's name on the card: the registry's display name, else the dictionary_learning class."""
+    arch = BY_DICT_CLASS.get(dict_class)
+    return dict_class if arch is None else arch.display_name
 
 
 def _num(value: float | None, fmt: str) -> str:

@@ -25,7 +25,7 @@ from workbench.data import num_rows
 from workbench.errors import WorkbenchError
 from workbench.export import default_series_name, export_id
 from workbench.model import d_model_of, load_config, num_layers_of, resolve_layers, text_config
-from workbench.sae import matryoshka_group_sizes
+from workbench.sae.registry import ARCHITECTURES, MATRYOSHKA
 from workbench.train import layer_dir
 from workbench.trainer import auto_lr
 
@@ -140,7 +140,7 @@ def store_dtype(recipe: Recipe) -> str:
 
 def series_name(recipe: Recipe) -> str:
     """export.series_name, else the name export gives the series (export.default_series_name)."""
-    all_matryoshka = all(s.arch == "matryoshka" for s in recipe.train.saes)
+    all_matryoshka = all(ARCHITECTURES[s.arch] is MATRYOSHKA for s in recipe.train.saes)
     return recipe.export.series_name or default_series_name(recipe.model.name, all_matryoshka)
 
 
@@ -153,11 +153,6 @@ def export_dir(recipe: Recipe, fmt: str, layer: int, name: str) -> Path:
     """Where export.export_run writes an SAE: <export.out>/<format>/<its export_id>."""
     several = len(recipe.train.saes) > 1
     return Path(recipe.export.out) / fmt / export_id(fmt, series_name(recipe), layer, name, several_in_layer=several)
-
-
-def _weights_bytes(d_model: int, width: int, arch: str, n_groups: int) -> int:
-    params = 2 * d_model * width + width + d_model + 2  # W_enc, W_dec, b_enc, b_dec, k, threshold
-    return 4 * params + (8 * n_groups if arch == "matryoshka" else 0)
 
 
 def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
@@ -183,11 +178,12 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
     saes = []
     for layer in train_layers:
         for s in t.saes:
-            sizes = matryoshka_group_sizes(s.width, list(s.group_fractions)) if s.arch == "matryoshka" else None
+            arch = ARCHITECTURES[s.arch]
+            sizes = arch.group_sizes(s.width, s.group_fractions)
             saes.append(SAEPlan(
                 layer=layer, name=s.name, arch=s.arch, width=s.width, k=s.k, group_sizes=sizes,
                 lr=t.lr if t.lr is not None else auto_lr(s.width),
-                weights_bytes=_weights_bytes(d_model, s.width, s.arch, len(sizes or [])),
+                weights_bytes=arch.weights_bytes(d_model, s.width, sizes),
                 train_dir=str(train_dir(recipe, layer, s.name)),
                 export_dirs={f: str(export_dir(recipe, f, layer, s.name)) for f in recipe.export.formats},
             ))

@@ -52,7 +52,8 @@ from workbench.formats import dictionary_learning as dl_format
 from workbench.formats import saelens
 from workbench.formats.convert import load_trainable
 from workbench.metrics import evaluate
-from workbench.sae import SAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, matryoshka_group_sizes
+from workbench.sae import SAE
+from workbench.sae.registry import ARCHITECTURES
 from workbench.trainer import Comm, Trainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -60,7 +61,6 @@ CHECKPOINT_VERSION = 2  # 2: plain tensors and numbers only (weights_only=True);
 METRICS = "metrics.jsonl"
 CURVES = "training_curves.png"
 NORM_SAMPLE_BATCHES = 100  # batches averaged for the normalisation factor (dictionary_learning: 100)
-ARCH_CLASS = {"batchtopk": BatchTopKSAE, "matryoshka": MatryoshkaBatchTopKSAE}
 
 
 def layer_dir(out: str | Path, layer: int) -> Path:
@@ -249,10 +249,7 @@ def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         sae = _load_init(t.init_from, layer, cfg, cache.d_model)
     else:
         torch.manual_seed(t.seed)  # as dictionary_learning: the trainer's seed, then the SAE
-        if cfg.arch == "matryoshka":
-            sae = MatryoshkaBatchTopKSAE(cache.d_model, cfg.width, cfg.k, matryoshka_group_sizes(cfg.width, cfg.group_fractions))
-        else:
-            sae = BatchTopKSAE(cache.d_model, cfg.width, cfg.k)
+        sae = ARCHITECTURES[cfg.arch].build(cache.d_model, cfg.width, cfg.k, cfg.group_fractions)
     sae.to(device)
     autocast = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
     return Trainer(sae, plan.steps, lr=t.lr, warmup_steps=t.warmup_steps, decay_start=plan.decay_start,
@@ -272,8 +269,9 @@ def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
         raise WorkbenchError(f"train.init_from {root} has no ae.pt (nor resid_post_layer_{layer}/{cfg.name}/ae.pt) and "
                              f"no {saelens.CFG_FILE}; give an SAE folder in either format, or a dictionary_learning series")
     sae = load_trainable(folder, k=cfg.k)
+    arch = ARCHITECTURES[cfg.arch]
     problems = []
-    if not isinstance(sae, ARCH_CLASS[cfg.arch]):
+    if not isinstance(sae, arch.module):
         problems.append(f"it is a {type(sae).__name__}, the recipe says arch {cfg.arch}")
     if sae.activation_dim != d_model:
         problems.append(f"d_model {sae.activation_dim} != the cache's {d_model}")
@@ -281,8 +279,8 @@ def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
         problems.append(f"width {sae.dict_size} != train.saes {cfg.name}.width {cfg.width}")
     if int(sae.k) != cfg.k:
         problems.append(f"k {int(sae.k)} != train.saes {cfg.name}.k {cfg.k}")
-    if isinstance(sae, MatryoshkaBatchTopKSAE) and cfg.group_fractions and sae.dict_size == cfg.width:
-        wanted = matryoshka_group_sizes(cfg.width, cfg.group_fractions)
+    if isinstance(sae, arch.module) and arch.grouped and sae.dict_size == cfg.width:
+        wanted = arch.group_sizes(cfg.width, cfg.group_fractions)
         if sae.group_sizes.tolist() != wanted:
             problems.append(f"group sizes {sae.group_sizes.tolist()} != {wanted} from group_fractions")
     if problems:
@@ -390,7 +388,7 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         sae, lr=trainer.lr, steps=plan.steps, auxk_alpha=t.auxk_alpha, warmup_steps=t.warmup_steps,
         decay_start=plan.decay_start, threshold_beta=t.threshold_beta, threshold_start_step=t.threshold_start_step,
         seed=t.seed, device=device, layer=layer, lm_name=model_name, group_fractions=cfg.group_fractions,
-        group_weights=getattr(trainer, "group_weights", None))
+        group_weights=trainer.group_weights)
     buffer_cfg = dl_format.buffer_section(
         cache.d_model, ctx_len=m["recipe"]["data"]["context_length"], n_ctxs=m["summary"]["sequences"],
         refresh_batch_size=m["recipe"]["collect"]["batch_size"], out_batch_size=t.batch_size, device=device)

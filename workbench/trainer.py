@@ -15,7 +15,7 @@ proves it against the reference to 1e-5 after 1200 steps):
                       warmup and linear decay, decoder directions back to unit norm
 
 It differs from the reference only in how it computes: the kept entries are found without a full
-top-k and decoded sparsely, forward and backward (see `workbench.sae`), and under data parallelism
+top-k and decoded sparsely, forward and backward (see `workbench.sae.sparse`), and under data parallelism
 the selection, the threshold and the dead counters come from the global batch (`Comm`).
 """
 
@@ -27,15 +27,8 @@ from typing import Any
 
 import torch
 
-from workbench.sae import (
-    SAE,
-    BatchTopKSAE,
-    Kept,
-    MatryoshkaBatchTopKSAE,
-    batch_topk_select,
-    decode_kept,
-    encode_kept,
-)
+from workbench.sae import SAE, Kept, batch_topk_select, decode_kept, encode_kept
+from workbench.sae.registry import architecture_of
 
 
 class Comm:
@@ -100,14 +93,6 @@ def geometric_median(points_ND: torch.Tensor, max_iter: int = 100, tol: float = 
     return guess_D
 
 
-def _decoder_FD(sae: SAE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """W_dec and its gradient as [F, D] views of the stored parameter, whatever its layout."""
-    W = sae.decoder.weight if isinstance(sae, BatchTopKSAE) else sae.W_dec
-    transpose = isinstance(sae, BatchTopKSAE)
-    grad = W.grad
-    return (W.T, None if grad is None else grad.T) if transpose else (W, grad)
-
-
 class Trainer:
     """One SAE's optimisation: Adam, the schedules, dead-latent counters and the threshold EMA.
 
@@ -135,7 +120,8 @@ class Trainer:
         self.fine_tune = fine_tune
         self.autocast_dtype = autocast_dtype
         self.comm = comm or Comm()
-        if isinstance(sae, MatryoshkaBatchTopKSAE):
+        self.group_weights = None  # the Matryoshka prefix losses' weights; None: one loss, no groups
+        if architecture_of(sae).grouped:
             n_groups = len(sae.group_sizes)
             self.group_weights = group_weights or [1.0 / n_groups] * n_groups
             if len(self.group_weights) != n_groups:
@@ -183,7 +169,7 @@ class Trainer:
         # Gradient step on the sphere of unit decoder directions.
         params = list(sae.parameters())
         self._average_gradients(params)
-        W_dec_FD, grad_FD = _decoder_FD(sae)
+        W_dec_FD, grad_FD = sae.W_dec_FD, sae.W_dec_grad_FD
         with torch.no_grad():
             normed_FD = W_dec_FD / (W_dec_FD.norm(dim=1, keepdim=True) + 1e-6)
             grad_FD -= (grad_FD * normed_FD).sum(dim=1, keepdim=True) * normed_FD
@@ -203,7 +189,7 @@ class Trainer:
     def _reconstruct(self, x_BD: torch.Tensor, f_N: torch.Tensor, kept: Kept) -> tuple[torch.Tensor, torch.Tensor]:
         """x_hat [B, D] and the reconstruction loss (Matryoshka: mean of the weighted prefix losses)."""
         sae = self.sae
-        if not isinstance(sae, MatryoshkaBatchTopKSAE):
+        if self.group_weights is None:
             x_hat_BD = decode_kept(f_N, sae.W_dec_FD, kept) + sae.b_dec
             return x_hat_BD, (x_BD - x_hat_BD).pow(2).sum(dim=-1).mean()
         # Reconstruction from groups 0..i for every i: b_dec plus the cumulative sum of the groups' parts.

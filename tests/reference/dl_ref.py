@@ -38,14 +38,16 @@ def make_trainer(spec: dict):
 
 
 def train(specs: list[dict], out: str) -> None:
-    """Each spec: trainer arguments, the initial state dict and the batches [S, B, D]."""
+    """Each spec: trainer arguments, the initial state dict and the batches [S, B, D]. Each result: the
+    final state, the dead counters, the losses and the trainer's and SAE's class names."""
     results = []
     for spec in specs:
         trainer = make_trainer(spec)
         losses = [trainer.update(step, x_BD.clone()) for step, x_BD in enumerate(spec["batches"])]
         results.append({"state": {k: v.clone() for k, v in trainer.ae.state_dict().items()},
                         "num_tokens_since_fired": trainer.num_tokens_since_fired.clone(),
-                        "losses": torch.tensor(losses, dtype=torch.float64)})
+                        "losses": torch.tensor(losses, dtype=torch.float64),
+                        "trainer_class": type(trainer).__name__, "dict_class": type(trainer.ae).__name__})
     torch.save(results, out)
 
 

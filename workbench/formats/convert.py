@@ -30,6 +30,7 @@ from workbench.formats import saelens
 from workbench.formats.output import write_output
 from workbench.formats.weights import InferenceSAE, SAEWeights, check_k
 from workbench.sae import SAE
+from workbench.sae.registry import BY_DICT_CLASS
 
 FORMATS = ("dictionary_learning", "saelens")
 OWN_FILES = {"dictionary_learning": (dl.AE_FILE, dl.CONFIG_FILE), "saelens": (saelens.CFG_FILE, saelens.WEIGHTS_FILE)}
@@ -131,6 +132,6 @@ def load_sae(folder: str | Path) -> nn.Module:
     folder = Path(folder)
     if detect_format(folder) == "dictionary_learning":
         dict_class = dl.read_config(folder)["trainer"]["dict_class"]
-        if dict_class in ("BatchTopKSAE", "MatryoshkaBatchTopKSAE"):
+        if dict_class in BY_DICT_CLASS:
             return dl.load_folder(folder)[0].eval()
     return InferenceSAE(read_weights(folder)).eval()

@@ -47,15 +47,14 @@ from workbench.formats.weights import (
     row_norms,
     vec_times,
 )
-from workbench.sae import SAE, BatchTopKSAE, MatryoshkaBatchTopKSAE
+from workbench.sae import SAE
+from workbench.sae.registry import BY_DICT_CLASS, architecture_of, holding
 
 AE_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval_results.json"
 SPARSITY_FILE = "sparsity.safetensors"  # per-latent log10 firing frequency, SAELens' file, kept beside ae.pt
 EXTRA_SECTION = "workbench"
-
-TRAINER_CLASS = {"BatchTopKSAE": "BatchTopKTrainer", "MatryoshkaBatchTopKSAE": "MatryoshkaBatchTopKTrainer"}
 
 
 def resid_post_name(layer: int) -> str:
@@ -69,15 +68,16 @@ def trainer_section(sae: SAE, *, lr: float, steps: int, auxk_alpha: float, warmu
                     seed: int | None, device: str, layer: int, lm_name: str, submodule_name: str | None = None,
                     group_fractions: list[float] | None = None, group_weights: list[float] | None = None) -> dict:
     """dictionary_learning's trainer config, keys in its order (Matryoshka: group keys after dict_size)."""
-    dict_class = type(sae).__name__
+    arch = architecture_of(sae)
+    dict_class = arch.dict_class
     out: dict[str, Any] = {
-        "trainer_class": TRAINER_CLASS[dict_class], "dict_class": dict_class, "lr": lr, "steps": steps,
+        "trainer_class": arch.trainer_class, "dict_class": dict_class, "lr": lr, "steps": steps,
         "auxk_alpha": auxk_alpha, "warmup_steps": warmup_steps, "decay_start": decay_start,
         "threshold_beta": threshold_beta, "threshold_start_step": threshold_start_step,
         "top_k_aux": sae.activation_dim // 2, "seed": seed, "activation_dim": sae.activation_dim,
         "dict_size": sae.dict_size,
     }
-    if isinstance(sae, MatryoshkaBatchTopKSAE):
+    if arch.grouped:
         out["group_fractions"] = group_fractions
         out["group_weights"] = group_weights
         out["group_sizes"] = sae.group_sizes.tolist()
@@ -185,17 +185,10 @@ def load_folder(folder: str | Path) -> tuple[SAE, dict]:
 def sae_from_state(dict_class: str, state: dict[str, torch.Tensor], folder: Path) -> SAE:
     """The trainable module for a checked BatchTopKSAE / MatryoshkaBatchTopKSAE state dict (ae.pt's keys:
     `read_checked`, or `state_dict_for`), loaded strictly; `folder` names the source in errors."""
-    if dict_class == "BatchTopKSAE":
-        dict_size, activation_dim = state["encoder.weight"].shape
-        sae: SAE = BatchTopKSAE(activation_dim, dict_size, int(state["k"]))
-    elif dict_class == "MatryoshkaBatchTopKSAE":
-        activation_dim, dict_size = state["W_enc"].shape
-        sae = MatryoshkaBatchTopKSAE(activation_dim, dict_size, int(state["k"]), state["group_sizes"].tolist())
-    else:
+    if dict_class not in BY_DICT_CLASS:
         raise WorkbenchError(f"{folder}: dict_class {dict_class} is not a BatchTopK SAE; "
                              "convert it with `workbench convert` or train a BatchTopK/Matryoshka SAE")
-    sae.load_state_dict(state, strict=True)
-    return sae
+    return BY_DICT_CLASS[dict_class].module.from_state_dict(state)
 
 
 # ---- conversion: every supported dictionary_learning class <-> SAEWeights ----
@@ -370,7 +363,7 @@ def dict_class_for(weights: SAEWeights) -> tuple[str, str]:
         return "JumpReluAutoEncoder", "per-latent JumpReLU thresholds"
     if weights.k is None:
         return "JumpReluAutoEncoder", "no training k recorded (pass --k K for BatchTopKSAE)"
-    dict_class = "MatryoshkaBatchTopKSAE" if weights.group_sizes else "BatchTopKSAE"
+    dict_class = holding(weights.group_sizes).dict_class
     return dict_class, f"one JumpReLU threshold ({constant:g}) and training k={weights.k}"
 
 
@@ -451,7 +444,7 @@ def _config_for(weights: SAEWeights, dict_class: str) -> dict:
     trainer.update(activation_dim=weights.activation_dim, dict_size=weights.dict_size)
     if "k" in STATE_KEYS[dict_class]:
         trainer["k"] = weights.k
-    if dict_class == "MatryoshkaBatchTopKSAE":
+    if "group_sizes" in STATE_KEYS[dict_class]:
         trainer["group_sizes"] = list(weights.group_sizes or [])
     extra = dict(info.workbench)
     if info.saelens_cfg is not None:

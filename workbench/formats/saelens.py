@@ -49,6 +49,7 @@ from workbench.formats.weights import (
     row_blocks,
     shape_of,
 )
+from workbench.sae.registry import holding
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -260,7 +261,7 @@ def _cfg_for(weights: SAEWeights, arch: str) -> dict:
             details["k"] = weights.k
         if weights.group_sizes:
             details["matryoshka_widths"] = torch.tensor(weights.group_sizes).cumsum(0).tolist()
-        meta.setdefault("training_architecture", "matryoshka_batchtopk" if weights.group_sizes else "batchtopk")
+        meta.setdefault("training_architecture", holding(weights.group_sizes).saelens_architecture)
         meta["training_architecture_details"] = details
     if info.workbench:
         meta["workbench"] = info.workbench

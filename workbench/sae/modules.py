@@ -60,6 +60,11 @@ class _SAEBase(nn.Module):
     def W_dec_FD(self) -> torch.Tensor:
         raise NotImplementedError
 
+    @property
+    def W_dec_grad_FD(self) -> torch.Tensor | None:
+        """W_dec's gradient as an [F, D] view of the stored parameter's (None before a backward)."""
+        raise NotImplementedError
+
     def hidden_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
         """(x - b_dec) @ W_enc + b_enc, before the relu: [B, D] -> [B, F]."""
         return (x_BD - self.b_dec) @ self.W_enc_DF + self.b_enc_F
@@ -115,6 +120,14 @@ class BatchTopKSAE(_SAEBase):
             self.encoder.bias.zero_()
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> BatchTopKSAE:
+        """The module holding a state dict of this class, loaded strictly (sizes from encoder.weight [F, D])."""
+        dict_size, activation_dim = state["encoder.weight"].shape
+        sae = cls(activation_dim, dict_size, int(state["k"]))
+        sae.load_state_dict(state, strict=True)
+        return sae
+
     @property
     def W_enc_DF(self) -> torch.Tensor:
         return self.encoder.weight.T
@@ -126,6 +139,11 @@ class BatchTopKSAE(_SAEBase):
     @property
     def W_dec_FD(self) -> torch.Tensor:
         return self.decoder.weight.T
+
+    @property
+    def W_dec_grad_FD(self) -> torch.Tensor | None:
+        grad = self.decoder.weight.grad
+        return None if grad is None else grad.T
 
     def hidden_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
         # nn.Linear (one fused bias-add GEMM), as dictionary_learning computes it: same rounding.
@@ -155,6 +173,14 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> MatryoshkaBatchTopKSAE:
+        """The module holding a state dict of this class, loaded strictly (sizes from W_enc [D, F])."""
+        activation_dim, dict_size = state["W_enc"].shape
+        sae = cls(activation_dim, dict_size, int(state["k"]), state["group_sizes"].tolist())
+        sae.load_state_dict(state, strict=True)
+        return sae
+
     @property
     def W_enc_DF(self) -> torch.Tensor:
         return self.W_enc
@@ -166,6 +192,10 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
     @property
     def W_dec_FD(self) -> torch.Tensor:
         return self.W_dec
+
+    @property
+    def W_dec_grad_FD(self) -> torch.Tensor | None:
+        return self.W_dec.grad
 
     @property
     def group_bounds(self) -> list[int]:
