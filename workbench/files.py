@@ -73,22 +73,44 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], resume: str
     """Write `path` through `write(fh)` on a binary file handle, atomically (see the module docstring)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    fh: _Recording | None = None
     try:
         make_dir(path.parent, resume)
-        with open(tmp, "wb") as fh:
+        with open(tmp, "wb") as raw:
+            fh = _Recording(raw)
             write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        if isinstance(err, RuntimeError) and not _is_write_failure(err):
+        cause = fh.error if fh is not None and fh.error is not None else err
+        if isinstance(cause, RuntimeError) and not _is_write_failure(cause):
             raise
-        raise write_error(path, err, resume) from None
+        raise write_error(path, cause, resume) from None
     fsync_dir(path.parent)
+
+
+class _Recording:
+    """A binary file handle that remembers the OSError its write raised: torch.save replaces it with a
+    RuntimeError ("unexpected pos ...") that no longer says the disk was full."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.raw.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def _is_write_failure(err: RuntimeError) -> bool:
