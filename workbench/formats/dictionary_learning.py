@@ -25,7 +25,7 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -96,34 +96,10 @@ def save_folder(sae: SAE, folder: str | Path, config: dict, eval_results: dict |
     """Write ae.pt (CPU float tensors, state-dict contract) and config.json (indent 4), atomically each."""
     folder = Path(folder)
     state = {k: v.detach().cpu().clone() for k, v in sae.state_dict().items()}
-    write_atomic(folder / AE_FILE, lambda fh: save_state(state, fh))
+    write_atomic(folder / AE_FILE, lambda fh: torch.save(state, fh))
     write_json(folder / CONFIG_FILE, config, indent=4)
     if eval_results is not None:
         write_json(folder / EVAL_FILE, eval_results, indent=4)
-
-
-def save_state(state: dict[str, torch.Tensor], fh: BinaryIO) -> None:
-    """torch.save(state, fh), except that a failed write (a full disk, a file-size limit) raises the OSError
-    that caused it: torch reports it only as a RuntimeError about stream positions."""
-    failures: list[OSError] = []
-
-    class Writer:
-        def write(self, data: bytes) -> int | None:
-            try:
-                return fh.write(data)
-            except OSError as err:
-                failures.append(err)
-                raise
-
-        def flush(self) -> None:
-            fh.flush()
-
-    try:
-        torch.save(state, Writer())
-    except RuntimeError:
-        if failures:
-            raise failures[0] from None
-        raise
 
 
 def load_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
@@ -382,7 +358,7 @@ def write_weights(weights: SAEWeights, folder: str | Path) -> str:
     config.json, and eval_results.json / sparsity.safetensors when known). Returns the dict_class written."""
     folder = Path(folder)
     dict_class, state = state_dict_for(weights)
-    write_atomic(folder / AE_FILE, lambda fh: save_state(state, fh))
+    write_atomic(folder / AE_FILE, lambda fh: torch.save(state, fh))
     write_json(folder / CONFIG_FILE, _config_for(weights, dict_class), indent=4)
     if weights.info.eval_results is not None:
         write_json(folder / EVAL_FILE, weights.info.eval_results, indent=4)
