@@ -400,8 +400,7 @@ class _Writes:
 
 def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], layers: list[int], d_model: int,
                     store_dtype: str, recipe: Recipe, bos: int | None, device: torch.device, total_tokens: int,
-                    show_progress: bool, process: tuple[int, int] = (0, 1),
-                    check_interrupt: Callable[[], None] = lambda: None) -> int:
+                    show_progress: bool, process: tuple[int, int], check_interrupt: Callable[[], None]) -> int:
     """The loop: forward the batches of the shards in `todo`, write them. Returns the number of batches
     in the data (every process iterates all of them, so all agree on it). Tokenization runs ahead in a
     background thread and the writes behind in another, both overlapping the forward. check_interrupt
@@ -475,11 +474,6 @@ def _process_batch(run, batch: data_mod.Batch, device: torch.device, layers: lis
         finite_N = torch.isfinite(stored_ND).all(dim=1)
         if not bool(finite_N.all()):
             raise _nonfinite_error(recipe, layer, batch.index, tokens, acts_ND, finite_N, store_dtype)
-        if not math.isfinite(flt.median.item()):
-            raise WorkbenchError(f"layer {layer}: the sink filter's median norm of forward batch {batch.index} is "
-                                 f"{flt.median.item()}: collect.sink_median {c.sink_median} takes it over padding "
-                                 "positions too, where this model's output is not finite; set collect.sink_median=real "
-                                 "(a new recipe: use a new collect.out)")
         reason_BL = torch.where(first_BL, FIRST_TOKEN, torch.where(flt.sink_BL.cpu(), SINK, 0)).to(torch.uint8)
         reason = reason_BL[valid_BL].numpy()
         per_layer[layer] = {
