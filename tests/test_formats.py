@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_to_scale, assert_codes_close, cut_of
 from safetensors.torch import load_file, save_file
 
 from workbench.errors import WorkbenchError
@@ -48,12 +49,8 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
     return torch.load(folder / dl.AE_FILE, weights_only=True)
 
 
-def assert_close_fp32(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """Within 1e-5 of the output's scale (verify's tolerance): fp32 rounding of a fold, nothing more."""
-    assert float((actual - expected).abs().max()) <= 1e-5 * max(1.0, float(expected.abs().max()))
-
-
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Bit for bit: for tensors a conversion copies (round trips, streamed files), never for computed ones."""
     assert list(a) == list(b)
     for key in a:
         assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
@@ -99,7 +96,10 @@ def test_streamed_safetensors_file_equals_the_library_writer(tmp_path):
     assert_same_tensors(dict(sorted(ours.items())), dict(sorted(lib.items())))
 
 
-def test_batchtopk_encode_equals_the_converted_jumprelu_exactly(tmp_path):
+def test_batchtopk_encode_equals_the_converted_jumprelu(tmp_path):
+    """The same latents fire with the same values. BatchTopKSAE computes nn.Linear (one fused addmm on the
+    [F, D] weight), InferenceSAE a matmul on the [D, F] copy plus b_enc: equal only to fp32 rounding
+    (conftest.FP32_TOL), and a latent whose pre-activation sits on the threshold 0.3 may fire in one only."""
     src = make_sae(tmp_path / "a")
     convert(src, "saelens", tmp_path / "b")
     x = x_random(256)
@@ -108,8 +108,8 @@ def test_batchtopk_encode_equals_the_converted_jumprelu_exactly(tmp_path):
     with torch.no_grad():
         f = ours.encode(x)
         assert (f > 0).any() and (f == 0).any()
-        assert torch.equal(f, jump.encode(x))
-        assert torch.equal(ours.decode(f), jump.decode(f))
+        assert_codes_close(jump.encode(x), f, cut_of(ours, f))
+        assert_close_to_scale(jump.decode(f), ours.decode(f))
 
 
 def saelens_folder(folder: Path, arch: str = "jumprelu", apply_b_dec: bool = True, threshold: torch.Tensor | None = None,
@@ -164,8 +164,10 @@ def test_saelens_settings_dictionary_learning_lacks_are_folded_exactly(tmp_path,
     f_src, x_hat_src = outputs(src, x)
     f_dl, x_hat_dl = outputs(tmp_path / "dl", x)
     assert (f_src > 0).any()
-    assert_close_fp32(f_dl, f_src)
-    assert_close_fp32(x_hat_dl, x_hat_src)
+    # A fold is fp32 arithmetic on the weights (b_dec @ W_enc into b_enc, decoder norms into W_enc): the
+    # outputs agree to rounding (conftest.FP32_TOL), a latent on its threshold or top-k cut aside.
+    flip_rows = assert_codes_close(f_dl, f_src, cut_of(load_sae(src), f_src))
+    assert_close_to_scale(x_hat_dl[~flip_rows], x_hat_src[~flip_rows])
     convert(tmp_path / "dl", "saelens", tmp_path / "sl2")
     convert(tmp_path / "sl2", "dictionary_learning", tmp_path / "dl2")
     assert_same_tensors(state(tmp_path / "dl"), state(tmp_path / "dl2"))
@@ -293,6 +295,13 @@ def test_pre_6_flat_saelens_config_is_read_as_saelens_reads_it(tmp_path):
     assert convert(src, "dictionary_learning", tmp_path / "dl") == "AutoEncoderTopK"
     trainer = dl.read_config(tmp_path / "dl")["trainer"]
     assert (trainer["k"], trainer["layer"], trainer["lm_name"]) == (K, 6, "gemma")
+    # Nothing is folded here (b_dec applied, no rescaling): both folders load as InferenceSAE with the same
+    # tensors, so both outputs are the same computation and equal bit for bit.
+    a, b = load_sae(src), load_sae(tmp_path / "dl")
+    assert isinstance(a, InferenceSAE) and isinstance(b, InferenceSAE) and a.k == b.k == K
+    settings = ("activation", "apply_b_dec_to_input", "rescale_acts_by_decoder_norm")
+    assert [getattr(a, n) for n in settings] == [getattr(b, n) for n in settings] == ["topk", True, False]
+    assert_same_tensors(dict(a.named_parameters()), dict(b.named_parameters()))
     x = x_random(128)
     f_src, x_hat_src = outputs(src, x)
     f_dl, x_hat_dl = outputs(tmp_path / "dl", x)

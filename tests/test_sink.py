@@ -68,7 +68,7 @@ def test_norms_are_float32_of_the_model_dtype_activation():
     acts = torch.randn(2, 3, 16).to(torch.bfloat16)
     flt = sink_filter(acts, 10.0)
     assert flt.norms_BL.dtype == torch.float32
-    assert torch.equal(flt.norms_BL, acts.float().norm(dim=-1))
+    assert torch.equal(flt.norms_BL, acts.float().norm(dim=-1))  # the same op on the same tensor: exact
 
 
 def test_is_sink_broadcasts_a_median_per_token():

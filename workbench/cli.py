@@ -246,7 +246,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="a folder of SAE folders (either format), searched recursively")
     p.add_argument("--cache", type=_text, help="also compare on real activations from this cache")
     p.add_argument("--tolerance", type=_tolerance, default=1e-5,
-                   help="max abs difference, relative to max(1, |reference output|) (default: 1e-5)")
+                   help="max difference, relative to the magnitude of the terms each output sums (default: 1e-5)")
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:

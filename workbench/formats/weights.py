@@ -266,8 +266,12 @@ class SAEWeights:
 
 
 class InferenceSAE(nn.Module):
-    """The workbench's own inference module for any SAEWeights, computed in SAELens' order of operations
-    (so it matches SAELens bit for bit on the same tensors, and dictionary_learning to fp32 rounding)."""
+    """The workbench's own inference module for any SAEWeights. It runs SAELens' operations in SAELens' order
+    (x - b_dec * apply_b_dec_to_input, @ W_enc + b_enc, the activation, @ W_dec + b_dec), so on the same torch
+    build, thread count and tensors it returns SAELens' outputs to the bit in practice. What holds in general,
+    against SAELens and dictionary_learning alike (nn.Linear's fused addmm rounds differently), is agreement
+    to fp32 rounding, and a latent whose pre-activation sits on the threshold may fire in one only: that is
+    what `workbench verify` checks."""
 
     def __init__(self, weights: SAEWeights):
         super().__init__()
