@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import torch_threads
 
-from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, matryoshka_group_sizes
+from workbench.sae.registry import ARCHITECTURES
 from workbench.trainer import Trainer
 
 REFERENCE = Path(__file__).parent / "reference" / "dl_ref.py"
@@ -47,9 +47,7 @@ def batches() -> torch.Tensor:
 
 def new_sae(arch: str):
     torch.manual_seed(0)
-    if arch == "matryoshka":
-        return MatryoshkaBatchTopKSAE(D, F, K, matryoshka_group_sizes(F, FRACTIONS))
-    return BatchTopKSAE(D, F, K)
+    return ARCHITECTURES[arch].build(D, F, K, FRACTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +84,12 @@ def test_step_equals_dictionary_learning_update_after_1200_steps(runs, arch):
     # The run exercised what it claims to: aux-k on dead latents, and a threshold EMA over 1100 steps.
     assert max(log["dead"] for log in logs) > 0
     assert float(ref["state"]["threshold"]) > 0
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_the_registry_names_the_reference_trainer_and_sae_classes(runs, arch):
+    _, _, ref = runs[arch]
+    assert (ref["trainer_class"], ref["dict_class"]) == (ARCHITECTURES[arch].trainer_class, ARCHITECTURES[arch].dict_class)
 
 
 @pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
