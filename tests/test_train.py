@@ -209,7 +209,7 @@ def test_recipe_errors_are_one_clear_line(cache, trained, tmp_path):
     saelens_sae = tmp_path / "saelens_sae"
     saelens_sae.mkdir()
     (saelens_sae / saelens.CFG_FILE).write_text("{}")  # no weights file beside it
-    with pytest.raises(WorkbenchError, match="holds neither ae.pt"):
+    with pytest.raises(WorkbenchError, match="has cfg.json but no sae_weights.safetensors"):
         train(load_recipe(write_recipe(tmp_path / "s.yaml", cache, tmp_path / "s", init_from=str(saelens_sae))))
     with pytest.raises(WorkbenchError, match="must be a multiple of train.data_lanes"):
         load_recipe(write_recipe(tmp_path / "lanes.yaml", cache, tmp_path / "l", batch_size=100))
