@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import accelerate_two_cpu_processes
 
 from workbench import data as data_mod
 from workbench.cache import ActivationCache, shard_is_complete, verify_shard
@@ -316,3 +318,24 @@ def test_pieces_give_the_tokens_of_the_whole_document(monkeypatch, tmp_path, arc
     padded = DataConfig(path=str(path), context_length=300, num_tokens=300 * 10, packing=False)
     assert list(iter_rows(padded, tok)) == [tok(d, truncation=True, max_length=300)["input_ids"]
                                             for d in iter_documents(padded)]
+
+
+def test_two_processes_redo_a_corrupt_shard_of_a_complete_cache(tmp_path, reference):
+    """Under `accelerate launch` each process verifies its own shards, all learn the whole list, the
+    main process (the only one holding the folder's lock) reopens the cache and the owner redoes it."""
+    out = tmp_path / "cache"
+    shutil.copytree(reference, out)
+    shard = out / "shards" / "shard_000005.h5"  # process 1 of 2 owns it
+    with h5py.File(shard, "r") as h5:
+        offset = int(h5["layer_3/activations"].id.get_chunk_info(0).byte_offset) + 500
+    with open(shard, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\xff" * 64)
+    launch, env = accelerate_two_cpu_processes(tmp_path)
+    proc = subprocess.run([*launch, "collect", "recipes/demo.yaml", *SHARDS24, f"collect.out={out}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("redoing 1 missing or damaged shard(s): shard_000005.h5 (layer_3/activations rows 0..") == 1
+    with h5py.File(shard, "r") as h5:
+        assert (int(h5.attrs["process_index"]), int(h5.attrs["num_processes"])) == (1, 2)
+    _same_contents(out, reference)
