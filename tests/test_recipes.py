@@ -14,7 +14,7 @@ from workbench.sae import matryoshka_group_sizes
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 
-# reference.md section 5: model -> (layers, hidden, 25/50/75% layers)
+# the published Qwen3 series (model cards, huggingface.co/adamkarvonen/qwen3-*-saes; Qwen/Qwen3-* config.json): model -> (layers, hidden, 25/50/75% layers)
 QWEN3 = {
     "1.7b": ("Qwen/Qwen3-1.7B", 28, 2048, [7, 14, 21]),
     "8b": ("Qwen/Qwen3-8B", 36, 4096, [9, 18, 27]),
@@ -83,7 +83,7 @@ def test_gemma_group_fractions_give_the_published_prefix_widths_under_dictionary
 def test_gemma_recipe_carries_the_published_explained_variance_table():
     targets = load_recipe(RECIPES / "gemma-3-1b-matryoshka.yaml").eval.target_explained_variance
     assert sorted(targets) == list(range(25))
-    published = {0: 0.991, 6: 0.982, 12: 0.978, 18: 0.904, 24: 0.745}  # reference.md section 5
+    published = {0: 0.991, 6: 0.982, 12: 0.978, 18: 0.904, 24: 0.745}  # the Gemma-3-1b series model card (huggingface.co/chanind/gemma-3-1b-batch-topk-matryoshka-saes-w-32k-l0-40)
     assert {layer: round(targets[layer], 3) for layer in published} == published
     # "falling with depth": the last layer is the lowest, the first the highest
     assert min(targets, key=targets.get) == 24 and max(targets, key=targets.get) == 0
