@@ -403,6 +403,7 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         "tokens_trained": plan.steps * t.batch_size, "steps": plan.steps, "batch_size": t.batch_size,
         "data_lanes": t.data_lanes, "dead_feature_threshold": t.dead_feature_threshold,
         "autocast_dtype": t.autocast_dtype, "init_from": t.init_from, "train_fingerprint": plan.fingerprint,
+        "version": 1,
     }
     return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: workbench}
 
