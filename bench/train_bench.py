@@ -39,8 +39,8 @@ from workbench.cache import prefetch  # noqa: E402
 from workbench.config import TrainConfig  # noqa: E402
 from workbench.sae import batch_topk_select  # noqa: E402
 from workbench.sae.registry import ARCHITECTURES  # noqa: E402
-from workbench.train import Plan, _global_batches  # noqa: E402
-from workbench.trainer import Trainer  # noqa: E402
+from workbench.training import Trainer  # noqa: E402
+from workbench.training.loop import LayerPlan, global_batches  # noqa: E402
 
 B, D, F, K = 1024, 256, 4096, 32
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]
@@ -129,9 +129,9 @@ def hdf5_vs_memory(steps: int, workdir: Path) -> dict:
     root = workdir / "cache"
     write_cache(root, D, "float32", (steps + WARMUP + 8) * B * 10 // 9)
     t = TrainConfig(batch_size=B, data_lanes=8, seed=0)
-    plan = Plan(steps=steps + WARMUP, decay_start=None, k_anneal_steps=None, holdout_fraction=0.0, fingerprint="bench")
-    in_memory = list(_global_batches(root, 0, list(range(8)), t, plan, 0))
-    fed = time_workbench("batchtopk", prefetch(_global_batches(root, 0, list(range(8)), t, plan, 0)))
+    plan = LayerPlan(steps=steps + WARMUP, decay_start=None, k_anneal_steps=None, holdout_fraction=0.0, fingerprint="bench")
+    in_memory = list(global_batches(root, 0, list(range(8)), t, plan, 0))
+    fed = time_workbench("batchtopk", prefetch(global_batches(root, 0, list(range(8)), t, plan, 0)))
     memory = time_workbench("batchtopk", in_memory)
     return {"hdf5_s": fed, "memory_s": memory, "ratio": memory / fed}
 

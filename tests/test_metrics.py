@@ -1,4 +1,4 @@
-"""metrics.evaluate on SAEs whose answers are known. (Its agreement with dictionary_learning's own
+"""metrics.evaluate_sae on SAEs whose answers are known. (Its agreement with dictionary_learning's own
 evaluate() on trained SAEs is proven in tests/test_train.py, against the reference in a subprocess.)"""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench.metrics import evaluate, frac_variance_explained
+from workbench.metrics import evaluate_sae, frac_variance_explained
 from workbench.sae import BatchTopKSAE
 
 
@@ -27,7 +27,7 @@ def test_a_perfect_sae_scores_perfectly():
     torch.manual_seed(0)
     D = 8
     batches = [torch.randn(32, D) for _ in range(3)]
-    out = evaluate(signed_identity_sae(D), batches, context_length=128)
+    out = evaluate_sae(signed_identity_sae(D), batches, context_length=128)
     assert out["l2_loss"] == pytest.approx(0, abs=1e-6) and out["mse"] == pytest.approx(0, abs=1e-12)
     assert out["frac_variance_explained"] == pytest.approx(1) and out["cossim"] == pytest.approx(1)
     assert out["l2_ratio"] == pytest.approx(1) and out["relative_reconstruction_bias"] == pytest.approx(1)
@@ -43,9 +43,9 @@ def test_latents_that_never_fire_are_counted_over_all_batches():
     D = 4
     sae = signed_identity_sae(D)
     positive = [torch.rand(16, D) + 0.1, torch.rand(16, D) + 0.1]  # relu(-x) never fires
-    out = evaluate(sae, positive)
+    out = evaluate_sae(sae, positive)
     assert out["dead_latents"] == D and out["frac_alive"] == 0.5
-    out = evaluate(sae, [*positive, -positive[0]])  # a later batch wakes them up
+    out = evaluate_sae(sae, [*positive, -positive[0]])  # a later batch wakes them up
     assert out["dead_latents"] == 0
 
 
@@ -53,12 +53,12 @@ def test_batch_topk_path_and_a_zero_reconstruction():
     D = 4
     sae = signed_identity_sae(D)
     x = torch.randn(16, D)
-    out = evaluate(sae, [x], use_threshold=False)
+    out = evaluate_sae(sae, [x], use_threshold=False)
     assert out["l0"] == D  # k = D of the 2D latents a token, on average over the batch
     with torch.no_grad():
         sae.decoder.weight.zero_()
         sae.b_dec.copy_(x.mean(0))  # reconstructs every token as the mean: explains no variance
-    out = evaluate(sae, [x])
+    out = evaluate_sae(sae, [x])
     assert out["frac_variance_explained"] == pytest.approx(0, abs=1e-6)
     assert out["mse"] == pytest.approx((x - x.mean(0)).pow(2).mean().item())
     assert frac_variance_explained(x, x) == 1.0
@@ -66,4 +66,4 @@ def test_batch_topk_path_and_a_zero_reconstruction():
 
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="no batches"):
-        evaluate(signed_identity_sae(2), [])
+        evaluate_sae(signed_identity_sae(2), [])

@@ -29,7 +29,7 @@ from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
 from workbench.formats.convert import convert, load_trainable
 from workbench.sae import BatchTopKSAE
-from workbench.train import read_metrics, train
+from workbench.training import read_metrics, train
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = 2
@@ -317,7 +317,7 @@ def test_a_saelens_folder_fine_tunes_from_exactly_the_weights_of_its_dictionary_
 
 def test_every_written_folder_loads_in_dictionary_learning_with_the_same_outputs(trained, fine_tuned, cache):
     from workbench.cache import ActivationCache
-    from workbench.metrics import evaluate
+    from workbench.metrics import evaluate_sae
 
     with ActivationCache(cache) as c:
         x_ND = next(c.batches(LAYER, 512, shuffle=False, split="holdout", holdout_fraction=0.2))
@@ -348,8 +348,8 @@ def test_every_written_folder_loads_in_dictionary_learning_with_the_same_outputs
                                what=f"{folder} batch top-k")
             assert_close_to_scale(sae(x_ND), ref["x_hat"], what=f"{folder} forward")
         assert (f_ND != 0).any()
-        ours = evaluate(sae, x_ND.split(128))
-        for key, value in ref["eval"].items():  # metrics.evaluate == dictionary_learning's evaluate
+        ours = evaluate_sae(sae, x_ND.split(128))
+        for key, value in ref["eval"].items():  # metrics.evaluate_sae == dictionary_learning's evaluate
             # the same latents fire on both sides, so the counts are equal and the losses agree to fp32
             # rounding of their sums (~1e-7 relative)
             assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

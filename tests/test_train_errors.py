@@ -28,7 +28,7 @@ from workbench.config import load_recipe
 from workbench.errors import WorkbenchError
 from workbench.formats import dictionary_learning as dl
 from workbench.sae import BatchTopKSAE
-from workbench.train import check_finite, plan_layer, read_metrics
+from workbench.training.loop import check_finite, plan_layer, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 LAYER = 2

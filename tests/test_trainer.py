@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE
-from workbench.trainer import Trainer, annealed_k, auto_lr, geometric_median, lr_factor
+from workbench.training.step import Trainer, annealed_k, auto_lr, geometric_median, lr_factor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -18,7 +18,7 @@ import torch
 from conftest import torch_threads
 
 from workbench.sae.registry import ARCHITECTURES
-from workbench.trainer import Trainer
+from workbench.training import Trainer
 
 REFERENCE = Path(__file__).parent / "reference" / "dl_ref.py"
 STEPS, B, D, F, K = 1200, 128, 32, 512, 8

@@ -117,7 +117,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from workbench.config import load_recipe
-    from workbench.train import train
+    from workbench.training import train
 
     train(load_recipe(args.recipe, args.overrides))
     return 0

@@ -1,6 +1,12 @@
-"""The process state under `accelerate launch` (or a single plain process), and the two rules every
-stage follows under it: where a process computes, and how work done by the main process alone (a
-lock, a manifest, a checkpoint) reports its failure to all of them."""
+"""The one distributed module: the process state under `accelerate launch` (or a single plain process),
+the two rules every stage follows under it, and the collectives of data-parallel training.
+
+    process_state, resolve_device   which processes there are, and where each one computes
+    on_main_first                   work done by the main process alone (a lock, a manifest, a checkpoint)
+                                    hands its result, or its failure, to every process
+    Collective                      what the batch top-k selection needs across processes (rank, cat)
+    Comm                            the training step's collectives (a Collective, plus sum and mean)
+"""
 
 from __future__ import annotations
 
@@ -80,3 +86,30 @@ class Collective(Protocol):
     world_size: int
 
     def cat(self, t: torch.Tensor) -> torch.Tensor: ...
+
+
+class Comm:
+    """The collectives of the data-parallel training step (a Collective), through an Accelerator; one
+    process needs none.
+
+    Every process holds an equal share of the global batch. `cat` concatenates along dim 0 across
+    processes, `sum` and `mean` reduce elementwise.
+    """
+
+    def __init__(self, accelerator: Any = None):
+        self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
+        self.world_size = 1 if self.acc is None else self.acc.num_processes
+        self.rank = 0 if self.acc is None else self.acc.process_index
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.acc is None else self.acc.gather(t.contiguous())
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.acc is None else self.acc.reduce(t, reduction="sum")
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.acc is None else self.acc.reduce(t, reduction="mean")
+
+    def batch_mean(self, t_B: torch.Tensor) -> torch.Tensor:
+        """Mean over the global batch of a per-token quantity [B, ...] -> [...]."""
+        return t_B.mean(0) if self.acc is None else self.mean(t_B.mean(0))

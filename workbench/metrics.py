@@ -1,12 +1,12 @@
 """SAE quality on activation batches: dictionary_learning's `evaluate` keys and formulas, plus extras.
 
-    evaluate(sae, batches)  ->  {l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio,
-                                 relative_reconstruction_bias, frac_alive, mse, dead_latents,
-                                 hyperparameters: {n_inputs, context_length}}
+    evaluate_sae(sae, batches)  ->  {l2_loss, l1_loss, l0, frac_variance_explained, cossim, l2_ratio,
+                                     relative_reconstruction_bias, frac_alive, mse, dead_latents,
+                                     hyperparameters: {n_inputs, context_length}}
 
 Per-batch quantities are averaged over batches, as dictionary_learning does (so use equal batches);
 frac_alive and dead_latents count over every evaluated token. The cross-entropy keys (loss_original,
-frac_recovered, ...) need the model and belong to the eval stage.
+frac_recovered, ...) need the model and belong to the eval stage (`workbench.evaluate`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def batch_metrics(x_BD: torch.Tensor, x_hat_BD: torch.Tensor, f_BF: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, batches: Iterable[torch.Tensor], use_threshold: bool = True,
-             context_length: int | None = None) -> dict:
+def evaluate_sae(sae: SAE, batches: Iterable[torch.Tensor], use_threshold: bool = True,
+                 context_length: int | None = None) -> dict:
     """Evaluate an SAE on batches of raw activations [B, D] (threshold path by default; with
     use_threshold=False, batch top-k over each batch as in training).
 
@@ -64,7 +64,7 @@ def evaluate(sae: SAE, batches: Iterable[torch.Tensor], use_threshold: bool = Tr
         n_batches += 1
         n_inputs += x_BD.shape[0]
     if n_batches == 0:
-        raise ValueError("evaluate() got no batches")
+        raise ValueError("evaluate_sae() got no batches")
     out = {key: value / n_batches for key, value in totals.items() if key != "mse"}
     alive = int(fired_F.sum())
     out["frac_alive"] = alive / sae.dict_size

@@ -56,7 +56,7 @@ def stage_collect(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dic
 
 
 def stage_train(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dict:
-    from workbench.train import train
+    from workbench.training import train
 
     return {"saes": [str(p) for p in train(recipe)]}
 

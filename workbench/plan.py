@@ -26,8 +26,7 @@ from workbench.errors import WorkbenchError
 from workbench.export import default_series_name, export_id
 from workbench.model import d_model_of, load_config, num_layers_of, resolve_layers, text_config
 from workbench.sae.registry import ARCHITECTURES, MATRYOSHKA
-from workbench.train import layer_dir
-from workbench.trainer import auto_lr
+from workbench.training import auto_lr, layer_dir
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 TOKEN_META_BYTES = 4 + 8 + 4 + 4  # token_id int32, sequence int64, position int32, batch int32

@@ -13,7 +13,7 @@ units (the checkpoint works on raw activations; the cache holds raw activations)
 Each is reported with the JumpReLU SAE's L0 and FVE next to batch-top-k inference on the same tokens.
 The chosen threshold is written into ae.pt; config.json's workbench section records it, the method,
 the previous threshold and method, and the report; eval_results.json's keys are re-measured at the new
-threshold on the same held-out tokens (workbench.metrics.evaluate; keys it does not compute, such as the
+threshold on the same held-out tokens (workbench.metrics.evaluate_sae; keys it does not compute, such as the
 LM-loss ones of `workbench eval`, are kept and predate the new threshold); sparsity.safetensors records
 each latent's firing frequency (for SAELens exports).
 
@@ -43,7 +43,7 @@ from workbench.dist import process_state, resolve_device
 from workbench.errors import WorkbenchError
 from workbench.files import fsync_dir, read_json_object, write_atomic, write_error, write_json
 from workbench.formats import dictionary_learning as dl
-from workbench.metrics import evaluate, frac_variance_explained
+from workbench.metrics import evaluate_sae, frac_variance_explained
 from workbench.sae import SAE, batch_topk, jumprelu
 
 METHODS = ("ema", "batch-min", "l0")
@@ -176,8 +176,9 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
               write: bool = True) -> ThresholdReport:
     """Derive, report and (write=True) store the JumpReLU threshold of the SAE in `folder`.
 
-    method, batch_size, num_tokens: None takes the default (ThresholdConfig; batch_size: the SAE's training
-    batch); device: None is cuda when available, else cpu."""
+    method, num_tokens: None takes ThresholdConfig's default; batch_size: None takes the SAE's training batch
+    (buffer.out_batch_size, or DEFAULT_BATCH_SIZE when it records none, as a converted SAELens SAE);
+    device: None is cuda when available, else cpu."""
     defaults = ThresholdConfig()
     method = defaults.method if method is None else method
     if method not in METHODS:
@@ -200,7 +201,7 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
     if layer is None:
         raise WorkbenchError(f"{folder}/config.json records no trainer.layer; cannot tell which layer of the cache to read")
     if batch_size is None:
-        batch_size = defaults.batch_size or (config.get("buffer") or {}).get("out_batch_size") or DEFAULT_BATCH_SIZE
+        batch_size = (config.get("buffer") or {}).get("out_batch_size") or DEFAULT_BATCH_SIZE
     num_tokens = defaults.num_tokens if num_tokens is None else num_tokens
     sae = sae.to(dev).eval()
     with ActivationCache(cache) as c, torch.no_grad():
@@ -223,7 +224,7 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
         per_method, btk, fired_F = evaluate_thresholds(sae, batches, thresholds, method, dev)
         if write:
             sae.threshold.fill_(thresholds[method])
-            evals = evaluate(sae, batches(), context_length=config.get("buffer", {}).get("ctx_len"))
+            evals = evaluate_sae(sae, batches(), context_length=config.get("buffer", {}).get("ctx_len"))
     previous = {"threshold": current, "method": record.get("method", "ema" if current >= 0 else "unset")}
     report = ThresholdReport(
         folder=str(folder), k=int(sae.k), batch_size=batch_size, num_tokens=n_tokens, split=split,

@@ -1,4 +1,6 @@
-"""`workbench train`: BatchTopK and Matryoshka SAEs from the activation cache, under Accelerate.
+"""The training loop, `workbench train`: BatchTopK and Matryoshka SAEs from the activation cache, under
+Accelerate. It owns the data lanes, the normalisation, checkpoints and resume, the held-out evaluation
+and the SAE folders; one update step and the loss are `workbench.training.step`.
 
     workbench train recipes/demo.yaml train.num_tokens=2_000_000
     accelerate launch --num_processes 2 -m workbench train recipes/demo.yaml
@@ -45,16 +47,16 @@ import torch
 
 from workbench.cache import ActivationCache, prefetch
 from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, schedule_step, to_dict, train_steps
-from workbench.dist import on_main_first
+from workbench.dist import Comm, on_main_first
 from workbench.errors import WorkbenchError
 from workbench.files import folder_lock, make_dir, read_json_object, write_atomic, write_error, write_text
 from workbench.formats import dictionary_learning as dl_format
 from workbench.formats import saelens
 from workbench.formats.convert import load_trainable
-from workbench.metrics import evaluate
+from workbench.metrics import evaluate_sae
 from workbench.sae import SAE
 from workbench.sae.registry import ARCHITECTURES
-from workbench.trainer import Comm, Trainer
+from workbench.training.step import Trainer
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_VERSION = 2  # 2: plain tensors and numbers only (weights_only=True); 1 pickled numpy's RNG state
@@ -69,7 +71,7 @@ def layer_dir(out: str | Path, layer: int) -> Path:
 
 
 @dataclass
-class Plan:
+class LayerPlan:
     """What a recipe's train section resolves to for one layer of one cache."""
 
     steps: int
@@ -108,7 +110,7 @@ def _lock_out(acc, out: str) -> Iterator[None]:
         yield
 
 
-def _check_out(t: TrainConfig, plans: dict[int, Plan]) -> None:
+def _check_out(t: TrainConfig, plans: dict[int, LayerPlan]) -> None:
     """Refuse, before anything is written, an SAE folder that holds a finished SAE of another recipe
     (collect refuses a cache of another recipe the same way): training would silently replace it."""
     for layer, plan in plans.items():
@@ -127,7 +129,7 @@ def _check_out(t: TrainConfig, plans: dict[int, Plan]) -> None:
                                      "folder to train it again; nothing was changed")
 
 
-def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
+def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
     """Steps and schedule points, and the held-out share of the cache: train.eval_tokens tokens (at most
     half of the layer) for eval_results.json, which the threshold stage reads too."""
     t = recipe.train
@@ -146,10 +148,10 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> Plan:
     holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
     identity = {"train": {k: v for k, v in to_dict(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
                 "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
-    return Plan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
+    return LayerPlan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
 
 
-def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: Plan) -> list[Path]:
+def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: LayerPlan) -> list[Path]:
     """Train all SAEs of one layer from one pass over its batches; resume from its checkpoint."""
     from tqdm.auto import tqdm
 
@@ -186,7 +188,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: P
     on_main_first(acc, prepare_folders)
 
     lanes = list(range(acc.process_index, t.data_lanes, acc.num_processes))
-    batches = prefetch(_global_batches(cache.root, layer, lanes, t, plan, start))
+    batches = prefetch(global_batches(cache.root, layer, lanes, t, plan, start))
     log_every = max(1, min(100, plan.steps // 500))
     bar = tqdm(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}",
                disable=not acc.is_main_process, dynamic_ncols=True)
@@ -230,7 +232,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: P
     return folders
 
 
-def _stop_if_nonfinite(trainers: list[Trainer], saes: list[SAEConfig], layer: int, plan: Plan, checkpoint: Path) -> None:
+def _stop_if_nonfinite(trainers: list[Trainer], saes: list[SAEConfig], layer: int, plan: LayerPlan, checkpoint: Path) -> None:
     """A NaN or Inf loss ends the run with the SAE and the step; nothing after the last good checkpoint is kept."""
     for trainer, cfg in zip(trainers, saes, strict=True):
         step = trainer.nonfinite_step()
@@ -242,7 +244,7 @@ def _stop_if_nonfinite(trainers: list[Trainer], saes: list[SAEConfig], layer: in
                 f"and {kept}")
 
 
-def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, plan: Plan,
+def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, plan: LayerPlan,
                   comm: Comm, device: torch.device) -> Trainer:
     t = recipe.train
     if t.init_from is not None:
@@ -288,7 +290,7 @@ def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
     return sae
 
 
-def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan) -> float:
+def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: LayerPlan) -> float:
     """sqrt(mean ||x||^2) over the first NORM_SAMPLE_BATCHES training batches (one stream, so every
     process computes the same factor)."""
     mean_sq = []
@@ -306,7 +308,7 @@ def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan)
     return factor
 
 
-def _global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, plan: Plan, start: int) -> Iterator[torch.Tensor]:
+def global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, plan: LayerPlan, start: int) -> Iterator[torch.Tensor]:
     """This process's share of the global batches of steps start..steps-1: one batch from each of its
     lanes, concatenated."""
     with ActivationCache(root) as cache:  # its own file handles: this runs in the prefetch thread
@@ -315,7 +317,7 @@ def _global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, pl
             yield torch.cat([next(s) for s in streams])
 
 
-def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: Plan, skip: int) -> Iterator[torch.Tensor]:
+def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: LayerPlan, skip: int) -> Iterator[torch.Tensor]:
     """Lane `lane` of the training split, epoch after epoch (epoch e shuffled with seed
     seed * 100003 + e, shared by all lanes so that they partition the blocks), after `skip` batches."""
     lane_batch = t.batch_size // t.data_lanes
@@ -335,7 +337,7 @@ def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: P
         epoch += 1
 
 
-def _finish(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer, plan: Plan,
+def _finish(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer, plan: LayerPlan,
             norm_factor: float) -> tuple[SAE, dict, dict | None]:
     """Fold the normalisation into the SAE, check it is finite, evaluate it on held-out tokens: what its
     folder gets (the SAE, config.json, eval_results.json)."""
@@ -358,7 +360,7 @@ def check_finite(sae: SAE, what: str) -> None:
                              "activations or the learning rate are bad (check the cache, or lower train.lr)")
 
 
-def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan: Plan) -> dict:
+def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan: LayerPlan) -> dict:
     """eval_results.json: the threshold path on held-out tokens, plus the batch top-k rule's l0 and FVE."""
     batch = min(t.batch_size, t.eval_tokens)
 
@@ -368,8 +370,8 @@ def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan
 
     ctx_len = cache.manifest["recipe"]["data"]["context_length"]
     try:
-        results = evaluate(sae, holdout(), context_length=ctx_len)
-        topk = evaluate(sae, holdout(), use_threshold=False, context_length=ctx_len)
+        results = evaluate_sae(sae, holdout(), context_length=ctx_len)
+        topk = evaluate_sae(sae, holdout(), use_threshold=False, context_length=ctx_len)
     except ValueError:
         raise WorkbenchError(f"the held-out part of layer {layer} has fewer than {batch} tokens; "
                              "lower train.eval_tokens or collect more tokens") from None
@@ -379,7 +381,7 @@ def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan
 
 
 def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer,
-                  plan: Plan, norm_factor: float) -> dict:
+                  plan: LayerPlan, norm_factor: float) -> dict:
     """config.json: dictionary_learning's trainer and buffer sections, and the workbench section."""
     t, sae, m = recipe.train, trainer.sae, cache.manifest
     device = str(sae.b_dec.device)
@@ -421,14 +423,14 @@ def _fingerprint_of(config: dict) -> str:
     return str(extra.get("train_fingerprint") or "") if isinstance(extra, dict) else ""
 
 
-def _is_complete(folder: Path, plan: Plan, t: TrainConfig) -> bool:
+def _is_complete(folder: Path, plan: LayerPlan, t: TrainConfig) -> bool:
     """A finished SAE of this very plan: its files are there and its config names the plan."""
     needed = [dl_format.AE_FILE, dl_format.CONFIG_FILE] + ([dl_format.EVAL_FILE] if t.eval_tokens > 0 else [])
     config = _finished_config(folder) if all((folder / name).is_file() for name in needed) else None
     return config is not None and _fingerprint_of(config) == plan.fingerprint
 
 
-def _write_checkpoint(acc, path: Path, plan: Plan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
+def _write_checkpoint(acc, path: Path, plan: LayerPlan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
     """All SAEs of the layer with their optimiser state, counters, data position (the step) and RNG,
     written atomically (files.write_atomic), so a kill or a full disk leaves the previous one intact."""
     def write() -> None:
@@ -440,7 +442,7 @@ def _write_checkpoint(acc, path: Path, plan: Plan, step: int, norm_factor: float
     on_main_first(acc, write)
 
 
-def _read_checkpoint(path: Path, plan: Plan, n_saes: int) -> dict | None:
+def _read_checkpoint(path: Path, plan: LayerPlan, n_saes: int) -> dict | None:
     if not path.is_file():
         return None
     start_over = "delete it to start the layer over"

@@ -1,4 +1,8 @@
-"""The training step of dictionary_learning's BatchTopKTrainer and MatryoshkaBatchTopKTrainer (0.1.0).
+"""One SAE's training step and its loss: where to change the loss, the optimiser or the schedules.
+
+The step of dictionary_learning's BatchTopKTrainer and MatryoshkaBatchTopKTrainer (0.1.0), with its
+schedules (auto_lr, lr_factor, annealed_k) and the b_dec initialisation (geometric_median). The loop
+around it (data lanes, checkpoints, resume, the SAE folders) is `workbench.training.loop`.
 
 `Trainer.update(x_BD)` is one step, the same algorithm step for step (tests/test_trainer_parity.py
 proves it against the reference to 1e-5 after 1200 steps):
@@ -10,6 +14,7 @@ proves it against the reference to 1e-5 after 1200 steps):
     loss              ||x - x_hat||^2 summed over D, mean over the batch (Matryoshka: the mean over
                       groups of weight_i * that loss for the reconstruction from groups 0..i)
                       + auxk_alpha * aux-k loss (top D/2 dead latents reconstruct the residual)
+                      (`Trainer.update`, `_reconstruct`, `_auxk_loss`)
     dead latents      a latent not kept for dead_feature_threshold tokens is dead
     after backward    drop the gradient along each decoder direction, clip the norm at 1, Adam with
                       warmup and linear decay, decoder directions back to unit norm
@@ -23,38 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any
 
 import torch
 
+from workbench.dist import Comm
 from workbench.sae import SAE, Kept, batch_topk_select, decode_kept, encode_kept
 from workbench.sae.registry import architecture_of
-
-
-class Comm:
-    """The collectives of the data-parallel step, through an Accelerator; one process needs none.
-
-    Every process holds an equal share of the global batch. `cat` concatenates along dim 0 across
-    processes, `sum` and `mean` reduce elementwise.
-    """
-
-    def __init__(self, accelerator: Any = None):
-        self.acc = accelerator if accelerator is not None and accelerator.num_processes > 1 else None
-        self.world_size = 1 if self.acc is None else self.acc.num_processes
-        self.rank = 0 if self.acc is None else self.acc.process_index
-
-    def cat(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.acc is None else self.acc.gather(t.contiguous())
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.acc is None else self.acc.reduce(t, reduction="sum")
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        return t if self.acc is None else self.acc.reduce(t, reduction="mean")
-
-    def batch_mean(self, t_B: torch.Tensor) -> torch.Tensor:
-        """Mean over the global batch of a per-token quantity [B, ...] -> [...]."""
-        return t_B.mean(0) if self.acc is None else self.mean(t_B.mean(0))
 
 
 def auto_lr(dict_size: int) -> float:
