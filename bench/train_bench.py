@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from workbench.cache import prefetch  # noqa: E402
 from workbench.config import TrainConfig  # noqa: E402
 from workbench.sae import batch_topk_select  # noqa: E402
-from workbench.sae.registry import ARCHITECTURES  # noqa: E402
+from workbench.sae.registry import ARCHITECTURES, BATCHTOPK, Architecture  # noqa: E402
 from workbench.training import Trainer  # noqa: E402
 from workbench.training.loop import LayerPlan, global_batches  # noqa: E402
 
@@ -54,10 +54,8 @@ from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchT
 spec = torch.load(sys.argv[1], weights_only=True)
 common = dict(steps=10_000, activation_dim=spec["D"], dict_size=spec["F"], k=spec["k"], layer=0, lm_name="bench",
               warmup_steps=2, device="cpu")
-if spec["arch"] == "matryoshka":
-    trainer = MatryoshkaBatchTopKTrainer(group_fractions=spec["fractions"], **common)
-else:
-    trainer = BatchTopKTrainer(**common)
+groups = dict(group_fractions=spec["fractions"]) if spec["grouped"] else {}
+trainer = {c.__name__: c for c in (BatchTopKTrainer, MatryoshkaBatchTopKTrainer)}[spec["trainer_class"]](**common, **groups)
 trainer.ae.load_state_dict(spec["state"])
 batches = spec["batches"]
 for step in range(spec["warmup"]):
@@ -80,12 +78,12 @@ def make_batches(n: int) -> torch.Tensor:
     return out
 
 
-def new_sae(arch: str):
+def new_sae(arch: Architecture):
     torch.manual_seed(0)
-    return ARCHITECTURES[arch].build(D, F, K, FRACTIONS)
+    return arch.build(D, F, K, FRACTIONS)
 
 
-def time_workbench(arch: str, batches) -> float:
+def time_workbench(arch: Architecture, batches) -> float:
     """Seconds for the steps after WARMUP of a fresh trainer over `batches` (a list, or an iterator)."""
     trainer = Trainer(new_sae(arch), 10_000, warmup_steps=2)
     it = iter(batches)
@@ -97,10 +95,10 @@ def time_workbench(arch: str, batches) -> float:
     return time.perf_counter() - start
 
 
-def time_reference(arch: str, batches: torch.Tensor, threads: int, workdir: Path) -> float:
+def time_reference(arch: Architecture, batches: torch.Tensor, threads: int, workdir: Path) -> float:
     spec = workdir / "spec.pt"
-    torch.save({"arch": arch, "D": D, "F": F, "k": K, "fractions": FRACTIONS, "warmup": WARMUP, "batches": batches,
-                "state": new_sae(arch).state_dict()}, spec)
+    torch.save({"trainer_class": arch.trainer_class, "grouped": arch.grouped, "D": D, "F": F, "k": K,
+                "fractions": FRACTIONS, "warmup": WARMUP, "batches": batches, "state": new_sae(arch).state_dict()}, spec)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", REFERENCE, str(spec), "x", str(threads)], env=env,
                           capture_output=True, text=True, check=True)
@@ -110,7 +108,7 @@ def time_reference(arch: str, batches: torch.Tensor, threads: int, workdir: Path
 def selection_is_exact(batches: torch.Tensor) -> tuple[int, int]:
     """(batches whose kept set equals torch.topk's, batches checked), on the pre-activations of a
     trained SAE (a few steps in: realistic distributions rather than the initial ones)."""
-    trainer = Trainer(new_sae("batchtopk"), 10_000, warmup_steps=2)
+    trainer = Trainer(new_sae(BATCHTOPK), 10_000, warmup_steps=2)
     equal = 0
     for x_BD in batches:
         with torch.no_grad():
@@ -131,8 +129,8 @@ def hdf5_vs_memory(steps: int, workdir: Path) -> dict:
     t = TrainConfig(batch_size=B, data_lanes=8, seed=0)
     plan = LayerPlan(steps=steps + WARMUP, decay_start=None, k_anneal_steps=None, holdout_fraction=0.0, fingerprint="bench")
     in_memory = list(global_batches(root, 0, list(range(8)), t, plan, 0))
-    fed = time_workbench("batchtopk", prefetch(global_batches(root, 0, list(range(8)), t, plan, 0)))
-    memory = time_workbench("batchtopk", in_memory)
+    fed = time_workbench(BATCHTOPK, prefetch(global_batches(root, 0, list(range(8)), t, plan, 0)))
+    memory = time_workbench(BATCHTOPK, in_memory)
     return {"hdf5_s": fed, "memory_s": memory, "ratio": memory / fed}
 
 
@@ -151,15 +149,15 @@ def main() -> None:
                      "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for arch in ("batchtopk", "matryoshka"):
+        for arch in ARCHITECTURES.values():
             ours, ref = [], []
             for _ in range(args.rounds):
                 ref.append(time_reference(arch, batches, args.threads, workdir))
                 ours.append(time_workbench(arch, list(batches)))
-            results[arch] = {"dictionary_learning_tok_s": tokens / min(ref), "workbench_tok_s": tokens / min(ours),
-                             "speedup": min(ref) / min(ours),
-                             "median_speedup": statistics.median(ref) / statistics.median(ours),
-                             "rounds_s": {"dictionary_learning": ref, "workbench": ours}}
+            results[arch.name] = {"dictionary_learning_tok_s": tokens / min(ref), "workbench_tok_s": tokens / min(ours),
+                                  "speedup": min(ref) / min(ours),
+                                  "median_speedup": statistics.median(ref) / statistics.median(ours),
+                                  "rounds_s": {"dictionary_learning": ref, "workbench": ours}}
         equal, checked = selection_is_exact(batches)
         results["selection_equal_to_topk"] = f"{equal}/{checked}"
         feeds = [hdf5_vs_memory(args.steps, workdir / f"feed{i}") for i in range(args.rounds)]
@@ -170,17 +168,18 @@ def main() -> None:
 
     print(f"B {B}, D {D}, F {F}, k {K}; {args.threads} thread(s); {args.steps} steps, best of {args.rounds} rounds")
     print(f"{'':<34}{'tokens/s':>12}{'ms/step':>10}{'vs ref':>9}")
-    for arch in ("batchtopk", "matryoshka"):
+    for arch in ARCHITECTURES:
         r = results[arch]
         for name, key in (("dictionary_learning update", "dictionary_learning_tok_s"), ("workbench Trainer.update", "workbench_tok_s")):
             speed = r[key]
             ratio = f"{r['speedup']:.2f}x" if key == "workbench_tok_s" else ""
             print(f"{arch + ' ' + name:<34}{speed:>12,.0f}{B / speed * 1000:>10.1f}{ratio:>9}")
     h = results["hdf5_vs_memory"]
-    print(f"{'batchtopk HDF5-fed (8 lanes)':<34}{h['hdf5_tok_s']:>12,.0f}{B / h['hdf5_tok_s'] * 1000:>10.1f}")
-    print(f"{'batchtopk in-memory':<34}{h['memory_tok_s']:>12,.0f}{B / h['memory_tok_s'] * 1000:>10.1f}")
+    medians = ", ".join(f"{results[arch]['median_speedup']:.2f}x" for arch in ARCHITECTURES)
+    print(f"{BATCHTOPK.name + ' HDF5-fed (8 lanes)':<34}{h['hdf5_tok_s']:>12,.0f}{B / h['hdf5_tok_s'] * 1000:>10.1f}")
+    print(f"{BATCHTOPK.name + ' in-memory':<34}{h['memory_tok_s']:>12,.0f}{B / h['memory_tok_s'] * 1000:>10.1f}")
     print(f"HDF5-fed / in-memory: {h['ratio']:.3f} (median of rounds {h['median_ratio']:.3f}); "
-          f"speedup, median of rounds: {results['batchtopk']['median_speedup']:.2f}x, {results['matryoshka']['median_speedup']:.2f}x")
+          f"speedup, median of rounds: {medians}")
     print(f"kept set == torch.topk's on {results['selection_equal_to_topk']} batches")
     out = REPO / "bench" / "results" / "train_bench.json"
     out.parent.mkdir(exist_ok=True)
