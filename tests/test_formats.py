@@ -281,7 +281,7 @@ def test_existing_folder_api_still_loads_what_conversion_writes(tmp_path):
     assert isinstance(sae, BatchTopKSAE) and int(sae.k) == K
     assert config["trainer"]["dict_class"] == "BatchTopKSAE" and config["buffer"]["ctx_len"] == 1024
     assert config["trainer"]["layer"] == 6 and config["trainer"]["lm_name"] == "gemma"
-    assert set(dl.load_state_dict(tmp_path / "dl" / dl.AE_FILE, mmap=True)) == set(dl.STATE_KEYS["BatchTopKSAE"])
+    assert set(dl.load_state_dict(tmp_path / "dl" / dl.AE_FILE, mmap=True)) == set(dl.CLASSES["BatchTopKSAE"].layout)
 
 
 def test_pre_6_flat_saelens_config_is_read_as_saelens_reads_it(tmp_path):

@@ -4,26 +4,48 @@ to load the SAEs with both libraries, and the attention-sink filter they must be
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from pathlib import Path
 
+from workbench.provenance import Provenance
 from workbench.sae.registry import BY_DICT_CLASS
-
-if TYPE_CHECKING:
-    from workbench.export import ExportedSAE
+from workbench.sink import DEFAULT_SINK_MULTIPLE
 
 
-def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: dict) -> str:
-    """Markdown for the export folder holding `saes` (format `fmt`); `config` is one SAE's config.json,
-    for what the whole run shares (model, data, sink filter)."""
-    extra = config.get("workbench") or {}
-    model = config["trainer"].get("lm_name") or "the model"
+@dataclass
+class ExportedSAE:
+    """One SAE of an export folder: what the model card shows about it."""
+
+    source: Path
+    folder: Path  # where it was written
+    sae_id: str  # its path inside the export folder
+    name: str
+    layer: int | None
+    dict_class: str
+    width: int
+    k: int | None
+    group_sizes: list[int] | None
+    threshold: float | None
+    threshold_method: str | None
+    l0: float | None
+    fve: float | None
+    frac_recovered: float | None = None  # from `workbench eval` (the model's loss with the SAE spliced in)
+    kl_div: float | None = None
+
+
+def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, model_name: str | None,
+                      provenance: Provenance | None) -> str:
+    """Markdown for the export folder holding `saes` (format `fmt`); `model_name` and `provenance` are one
+    SAE's, for what the whole run shares (model, data, sink filter)."""
+    p = provenance or Provenance(recorded=frozenset())
+    model = model_name or "the model"
     archs = sorted({_arch_name(s.dict_class) for s in saes})
     layers = sorted({s.layer for s in saes if s.layer is not None})
     out = [f"# {series}", "",
            f"{len(saes)} {' / '.join(archs)} sparse autoencoders on the residual stream of `{model}` "
            f"(the output of decoder layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}; "
            "TransformerLens `blocks.<L>.hook_resid_post`), trained with the SAE workbench"
-           + (f" on `{extra['dataset']}`" if extra.get("dataset") else "") + ". "
+           + (f" on `{p.dataset}`" if p.dataset else "") + ". "
            + ("Format: dictionary_learning (`ae.pt`, `config.json`, `eval_results.json`), in the published "
               "series' layout." if fmt == "dictionary_learning" else
               "Format: SAELens 6.x (`cfg.json`, `sae_weights.safetensors`, `sparsity.safetensors` when "
@@ -61,7 +83,7 @@ def render_model_card(saes: list[ExportedSAE], fmt: str, series: str, config: di
                "and first tokens passed through unreconstructed; eval_results.json also holds the splice-every-"
                "token variants." if spliced else ""), ""]
     out += _loading(saes[0], fmt)
-    out += _sink_note(extra)
+    out += _sink_note(p)
     return "\n".join(out) + "\n"
 
 
@@ -97,22 +119,22 @@ def _loading(example: ExportedSAE, fmt: str) -> list[str]:
             "", *other, ""]
 
 
-def _sink_note(extra: dict) -> list[str]:
-    multiple = extra.get("sink_multiple")
-    first = extra.get("drop_first_token", True)
+def _sink_note(p: Provenance) -> list[str]:
+    multiple = p.sink_multiple
+    first = p.drop_first_token if p.records("drop_first_token") else True
     if multiple is None:
         rule = "No attention-sink filter was applied in training."
     else:
         rule = (f"Training dropped attention-sink tokens: every token whose residual-stream norm exceeded "
                 f"**{multiple:g} x the median token norm of its forward batch** (one median per batch and layer, "
-                f"over {'real (non-padding) tokens' if extra.get('sink_median', 'real') == 'real' else 'all positions'}). "
+                f"over {'real (non-padding) tokens' if (p.sink_median if p.records('sink_median') else 'real') == 'real' else 'all positions'}). "
                 "Sinks are rare (~0.1% of tokens) but have norms 100-1000x the median, so an SAE never trained "
                 "on them encodes them badly; apply the same filter when you use these SAEs (encoding, "
                 "attribution, max-activating examples).")
     if first:
         rule += (" The first token of every sequence (the BOS token, or the first real token for tokenizers "
                  "without one) was dropped too.")
-    m = 10.0 if multiple is None else multiple
+    m = DEFAULT_SINK_MULTIPLE if multiple is None else multiple
     return ["## Attention-sink filter", "", rule, "",
             "With the workbench installed (`encode_filtered` calls the same `sink_filter` collection used):", "",
             "```python", "from workbench.formats.convert import load_sae",

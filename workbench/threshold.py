@@ -44,6 +44,7 @@ from workbench.errors import WorkbenchError
 from workbench.files import fsync_dir, read_json_object, write_atomic, write_error, write_json
 from workbench.formats import dictionary_learning as dl
 from workbench.metrics import evaluate_sae, frac_variance_explained
+from workbench.provenance import Provenance, ThresholdHistory
 from workbench.sae import SAE, batch_topk, jumprelu
 
 METHODS = ("ema", "batch-min", "l0")
@@ -193,11 +194,12 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
         raise WorkbenchError(f"{folder} is not a directory; give an SAE folder (ae.pt + config.json)")
     finish_interrupted_write(folder)
     sae, config = dl.load_folder(folder)
-    extra = dict(config.get(dl.EXTRA_SECTION) or {})
-    cache = cache or extra.get("cache")
+    provenance = (Provenance.from_dict(config.get(dl.EXTRA_SECTION), str(folder / dl.CONFIG_FILE))
+                  or Provenance(version=None, recorded=frozenset()))  # an SAE the workbench did not train
+    cache = cache or provenance.cache
     if cache is None:
         raise WorkbenchError(f"{folder}/config.json records no cache; pass --cache with activations of the SAE's layer")
-    layer = config["trainer"].get("layer", extra.get("layer"))
+    layer = config["trainer"].get("layer", provenance.layer)
     if layer is None:
         raise WorkbenchError(f"{folder}/config.json records no trainer.layer; cannot tell which layer of the cache to read")
     if batch_size is None:
@@ -210,12 +212,12 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
         if c.d_model != sae.activation_dim:
             raise WorkbenchError(f"the cache {cache} has d_model {c.d_model}, the SAE {sae.activation_dim}")
         # The tokens the SAE was trained on: as collected, unless it recorded another sink multiple.
-        sink = extra.get("sink_multiple")
-        refilter = sink if isinstance(sink, (int, float)) and sink != c.sink_multiple else None
-        batches, split = held_out_batches(c, layer, batch_size, num_tokens, extra.get("holdout_fraction"), refilter)
+        sink = provenance.sink_multiple
+        refilter = sink if sink is not None and sink != c.sink_multiple else None
+        batches, split = held_out_batches(c, layer, batch_size, num_tokens, provenance.holdout_fraction, refilter)
         current = float(sae.threshold)
-        record = extra.get("threshold") or {}
-        ema = record.get("ema", current)  # the training estimate, kept once a threshold replaced it
+        record = provenance.threshold or ThresholdHistory()
+        ema = current if record.ema is None else record.ema  # the training estimate, kept once a threshold replaced it
         found, n_tokens = derive_thresholds(sae, batches, num_tokens, dev)
         thresholds = {"ema": ema if ema >= 0 else None, **found}
         if thresholds[method] is None:
@@ -225,29 +227,30 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
         if write:
             sae.threshold.fill_(thresholds[method])
             evals = evaluate_sae(sae, batches(), context_length=config.get("buffer", {}).get("ctx_len"))
-    previous = {"threshold": current, "method": record.get("method", "ema" if current >= 0 else "unset")}
+    previous = {"threshold": current, "method": record.method or ("ema" if current >= 0 else "unset")}
     report = ThresholdReport(
         folder=str(folder), k=int(sae.k), batch_size=batch_size, num_tokens=n_tokens, split=split,
         batch_topk_l0=btk[0], batch_topk_fve=btk[1], chosen=method, previous=previous,
         methods=[MethodResult(m, thresholds[m], *per_method.get(m, (None, None))) for m in METHODS])
     if write:
-        _write(folder, sae, config, extra, report, evals, fired_F / n_tokens, ema)
+        _write(folder, sae, config, provenance, report, evals, fired_F / n_tokens, ema)
         report.written = True
     return report
 
 
-def _write(folder: Path, sae: SAE, config: dict, extra: dict, report: ThresholdReport, evals: dict,
+def _write(folder: Path, sae: SAE, config: dict, provenance: Provenance, report: ThresholdReport, evals: dict,
            freq_F: torch.Tensor, ema: float) -> None:
     """ae.pt with the new threshold (set by the caller), the history in config.json, eval_results.json's
     keys re-measured at the new threshold (others kept), and sparsity.safetensors: as one set (see the
     module docstring). The files are those of dictionary_learning.save_folder and write_sparsity, under
     their staged names."""
     sae = sae.cpu()
-    extra["threshold"] = {"value": float(sae.threshold), "method": report.chosen, "previous": report.previous, "ema": ema,
-                          "batch_size": report.batch_size, "num_tokens": report.num_tokens, "split": report.split,
-                          "report": {m.method: {"threshold": m.threshold, "l0": m.l0, "fve": m.fve} for m in report.methods}
-                          | {"batch_topk": {"l0": report.batch_topk_l0, "fve": report.batch_topk_fve}}}
-    config[dl.EXTRA_SECTION] = extra
+    provenance.threshold = ThresholdHistory(
+        value=float(sae.threshold), method=report.chosen, previous=report.previous, ema=ema,
+        batch_size=report.batch_size, num_tokens=report.num_tokens, split=report.split,
+        report={m.method: {"threshold": m.threshold, "l0": m.l0, "fve": m.fve} for m in report.methods}
+        | {"batch_topk": {"l0": report.batch_topk_l0, "fve": report.batch_topk_fve}})
+    config[dl.EXTRA_SECTION] = provenance.to_dict()
     eval_results = read_json_object(folder / dl.EVAL_FILE, fix="fix or delete it (the trainer wrote it)") or {}
     eval_results.update(evals)
     state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
@@ -287,7 +290,8 @@ def calibrated_method(folder: str | Path) -> str | None:
     """The method of the threshold written into the SAE in `folder` (None: never calibrated), after
     completing an interrupted write."""
     finish_interrupted_write(folder)
-    return ((dl.read_config(folder).get(dl.EXTRA_SECTION) or {}).get("threshold") or {}).get("method")
+    provenance = Provenance.from_dict(dl.read_config(folder).get(dl.EXTRA_SECTION), str(Path(folder) / dl.CONFIG_FILE))
+    return provenance.threshold_method if provenance is not None else None
 
 
 def _commit(folder: Path, names: list[str]) -> None:

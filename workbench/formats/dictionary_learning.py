@@ -24,16 +24,17 @@ from __future__ import annotations
 import json
 import pickle
 import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as safetensors_bytes
 
 from workbench.errors import WorkbenchError
 from workbench.files import read_json_object, write_atomic, write_json
 from workbench.formats.weights import (
+    SPARSITY_FILE,
     SAEInfo,
     SAEWeights,
     Scaled,
@@ -44,16 +45,18 @@ from workbench.formats.weights import (
     hook_name,
     materialize,
     materialize_T,
+    read_sparsity,
     row_norms,
     vec_times,
+    write_sparsity,
 )
+from workbench.provenance import Provenance
 from workbench.sae import SAE
 from workbench.sae.registry import BY_DICT_CLASS, architecture_of, holding
 
 AE_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
 EVAL_FILE = "eval_results.json"
-SPARSITY_FILE = "sparsity.safetensors"  # per-latent log10 firing frequency, SAELens' file, kept beside ae.pt
 EXTRA_SECTION = "workbench"
 
 
@@ -169,40 +172,121 @@ def sae_from_state(dict_class: str, state: dict[str, torch.Tensor], folder: Path
 
 # ---- conversion: every supported dictionary_learning class <-> SAEWeights ----
 
-# Each class's state dict: its keys, in torch.save order, with their dimensions (weights.check_shapes:
-# D = activation_dim, F = dict_size, G = the number of Matryoshka groups, "" = 0-d).
-_TOPK_LAYOUT = {"b_dec": "D", "k": "", "threshold": "", "decoder.weight": "DF", "encoder.weight": "FD", "encoder.bias": "F"}
-STATE_KEYS = {
-    "BatchTopKSAE": _TOPK_LAYOUT,
-    "AutoEncoderTopK": _TOPK_LAYOUT,
-    "MatryoshkaBatchTopKSAE": {"W_enc": "DF", "b_enc": "F", "W_dec": "FD", "b_dec": "D", "k": "", "threshold": "",
-                               "group_sizes": "G"},
-    "JumpReluAutoEncoder": {"W_enc": "DF", "b_enc": "F", "W_dec": "FD", "b_dec": "D", "threshold": "F"},
-    "AutoEncoder": {"bias": "D", "encoder.weight": "FD", "encoder.bias": "F", "decoder.weight": "DF"},
-}
+# One adapter per dictionary_learning class: ae.pt's keys with their dimensions, in torch.save order
+# (weights.check_shapes: D = activation_dim, F = dict_size, G = the number of Matryoshka groups, "" = 0-d),
+# its trainer's config keys in dictionary_learning's order (values a converted SAE cannot know are written
+# as null), and the exact mapping each way between its state dict and SAEWeights.
 
-# dictionary_learning's trainer config keys per class, in its order (values a converted SAE cannot
-# know are written as null).
-TRAINER_KEYS = {
-    "BatchTopKSAE": ("BatchTopKTrainer", (
-        "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step",
-        "top_k_aux", "seed", "activation_dim", "dict_size", "k", "device", "layer", "lm_name", "wandb_name",
-        "submodule_name")),
-    "MatryoshkaBatchTopKSAE": ("MatryoshkaBatchTopKTrainer", (
-        "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step",
-        "top_k_aux", "seed", "activation_dim", "dict_size", "group_fractions", "group_weights", "group_sizes",
-        "k", "device", "layer", "lm_name", "wandb_name", "submodule_name")),
-    "AutoEncoderTopK": ("TopKTrainer", (
-        "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step",
-        "seed", "activation_dim", "dict_size", "k", "device", "layer", "lm_name", "wandb_name", "submodule_name")),
-    "JumpReluAutoEncoder": ("JumpReluTrainer", (
-        "lr", "steps", "seed", "activation_dim", "dict_size", "device", "layer", "lm_name", "wandb_name",
-        "submodule_name", "bandwidth", "sparsity_penalty", "sparsity_warmup_steps", "target_l0")),
-    "AutoEncoder": ("StandardTrainer", (
-        "activation_dim", "dict_size", "lr", "l1_penalty", "warmup_steps", "resample_steps",
-        "sparsity_warmup_steps", "steps", "decay_start", "seed", "device", "layer", "lm_name", "wandb_name",
-        "submodule_name")),
-}
+
+@dataclass(frozen=True)
+class Folded:
+    """SAEWeights folded into what a dictionary_learning class can hold (state_dict_for)."""
+
+    W_enc_DF: Any
+    b_enc_F: torch.Tensor
+    W_dec_FD: Any
+    b_dec_D: torch.Tensor
+    k: torch.Tensor  # int32 0-d (0 when unknown)
+    threshold: torch.Tensor  # float32 0-d: the constant threshold, -1 for none
+    weights: SAEWeights
+
+
+@dataclass(frozen=True)
+class DLClass:
+    """One dictionary_learning class: its ae.pt layout, trainer config keys, and the two mappings."""
+
+    name: str
+    layout: dict[str, str]
+    trainer_class: str
+    trainer_keys: tuple[str, ...]
+    subtracts_b_dec: bool  # encode(x) works on x - b_dec (SAELens' apply_b_dec_to_input)
+    read: Callable[[dict[str, torch.Tensor], int], dict[str, Any]]  # (checked state, F) -> SAEWeights fields
+    write: Callable[[Folded], dict[str, torch.Tensor]]  # -> the state dict, in torch.save order
+
+    @property
+    def dict_size_key(self) -> tuple[str, int]:
+        """Which tensor and dimension give F."""
+        return ("encoder.weight", 0) if "encoder.weight" in self.layout else ("W_enc", 1)
+
+
+def _read_linear_topk(activation: str) -> Callable[[dict[str, torch.Tensor], int], dict[str, Any]]:
+    def read(state: dict[str, torch.Tensor], F: int) -> dict[str, Any]:
+        return dict(W_enc_DF=state["encoder.weight"].T, b_enc_F=state["encoder.bias"], W_dec_FD=state["decoder.weight"].T,
+                    b_dec_D=state["b_dec"], activation=activation, threshold_F=state["threshold"].expand(F),
+                    k=int(state["k"]))
+    return read
+
+
+def _write_linear_topk(f: Folded) -> dict[str, torch.Tensor]:
+    return {"b_dec": f.b_dec_D, "k": f.k, "threshold": f.threshold, "decoder.weight": materialize_T(f.W_dec_FD),
+            "encoder.weight": materialize_T(f.W_enc_DF), "encoder.bias": f.b_enc_F.clone()}
+
+
+def _read_matryoshka(state: dict[str, torch.Tensor], F: int) -> dict[str, Any]:
+    return dict(W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
+                activation="jumprelu", threshold_F=state["threshold"].expand(F), k=int(state["k"]),
+                group_sizes=state["group_sizes"].tolist())
+
+
+def _write_matryoshka(f: Folded) -> dict[str, torch.Tensor]:
+    return {"W_enc": materialize(f.W_enc_DF), "b_enc": f.b_enc_F.clone(), "W_dec": materialize(f.W_dec_FD),
+            "b_dec": f.b_dec_D, "k": f.k, "threshold": f.threshold,
+            "group_sizes": torch.tensor(f.weights.group_sizes, dtype=torch.int64)}
+
+
+def _read_jumprelu(state: dict[str, torch.Tensor], F: int) -> dict[str, Any]:
+    return dict(W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
+                activation="jumprelu", threshold_F=state["threshold"], apply_b_dec_to_input=False)
+
+
+def _write_jumprelu(f: Folded) -> dict[str, torch.Tensor]:
+    return {"W_enc": materialize(f.W_enc_DF), "b_enc": f.b_enc_F.clone(), "W_dec": materialize(f.W_dec_FD),
+            "b_dec": f.b_dec_D, "threshold": f.weights.threshold_F.clone()}
+
+
+def _read_relu(state: dict[str, torch.Tensor], F: int) -> dict[str, Any]:
+    """AutoEncoder: its from_pretrained divides decoder columns by their norms (and scales the encoder
+    to match) whenever they are not all 1, so that is the SAE its users get."""
+    W_enc_DF, b_enc_F, W_dec_FD = state["encoder.weight"].T, state["encoder.bias"], state["decoder.weight"].T
+    norms_F = row_norms(W_dec_FD)
+    if not torch.allclose(norms_F, torch.ones_like(norms_F)):
+        W_enc_DF, b_enc_F = Scaled(W_enc_DF, col_scale=norms_F), b_enc_F * norms_F
+        W_dec_FD = Scaled(W_dec_FD, row_scale=1 / norms_F)
+    return dict(W_enc_DF=W_enc_DF, b_enc_F=b_enc_F, W_dec_FD=W_dec_FD, b_dec_D=state["bias"], activation="relu")
+
+
+def _write_relu(f: Folded) -> dict[str, torch.Tensor]:
+    return {"bias": f.b_dec_D, "encoder.weight": materialize_T(f.W_enc_DF), "encoder.bias": f.b_enc_F.clone(),
+            "decoder.weight": materialize_T(f.W_dec_FD)}
+
+
+_TOPK_LAYOUT = {"b_dec": "D", "k": "", "threshold": "", "decoder.weight": "DF", "encoder.weight": "FD", "encoder.bias": "F"}
+_TOPK_TRAINING = ("lr", "steps", "auxk_alpha", "warmup_steps", "decay_start", "threshold_beta", "threshold_start_step")
+_USE = ("device", "layer", "lm_name", "wandb_name", "submodule_name")
+CLASSES = {c.name: c for c in (
+    DLClass("BatchTopKSAE", _TOPK_LAYOUT, "BatchTopKTrainer",
+            (*_TOPK_TRAINING, "top_k_aux", "seed", "activation_dim", "dict_size", "k", *_USE),
+            True, _read_linear_topk("jumprelu"), _write_linear_topk),
+    DLClass("AutoEncoderTopK", _TOPK_LAYOUT, "TopKTrainer",
+            (*_TOPK_TRAINING, "seed", "activation_dim", "dict_size", "k", *_USE),
+            True, _read_linear_topk("topk"), _write_linear_topk),
+    DLClass("MatryoshkaBatchTopKSAE",
+            {"W_enc": "DF", "b_enc": "F", "W_dec": "FD", "b_dec": "D", "k": "", "threshold": "", "group_sizes": "G"},
+            "MatryoshkaBatchTopKTrainer",
+            (*_TOPK_TRAINING, "top_k_aux", "seed", "activation_dim", "dict_size", "group_fractions", "group_weights",
+             "group_sizes", "k", *_USE),
+            True, _read_matryoshka, _write_matryoshka),
+    DLClass("JumpReluAutoEncoder", {"W_enc": "DF", "b_enc": "F", "W_dec": "FD", "b_dec": "D", "threshold": "F"},
+            "JumpReluTrainer",
+            ("lr", "steps", "seed", "activation_dim", "dict_size", *_USE, "bandwidth", "sparsity_penalty",
+             "sparsity_warmup_steps", "target_l0"),
+            False, _read_jumprelu, _write_jumprelu),
+    DLClass("AutoEncoder", {"bias": "D", "encoder.weight": "FD", "encoder.bias": "F", "decoder.weight": "DF"},
+            "StandardTrainer",
+            ("activation_dim", "dict_size", "lr", "l1_penalty", "warmup_steps", "resample_steps",
+             "sparsity_warmup_steps", "steps", "decay_start", "seed", *_USE),
+            True, _read_relu, _write_relu),
+)}
 
 
 def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
@@ -215,9 +299,10 @@ def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
     dict_class = trainer["dict_class"]
     extra = dict(config.get(EXTRA_SECTION) or {})
     converted = extra.pop("converted_from", None) or {}
+    provenance = Provenance.from_dict(extra, str(folder / CONFIG_FILE))
     info = SAEInfo(
         model_name=trainer.get("lm_name"), layer=trainer.get("layer"), context_size=(config.get("buffer") or {}).get("ctx_len"),
-        dataset_path=extra.get("dataset"), prepend_bos=extra.get("prepend_bos"), workbench=extra,
+        dataset_path=provenance.dataset if provenance else None, provenance=provenance,
         eval_results=read_json_object(folder / EVAL_FILE, fix="fix or delete it"),
         # A folder converted from SAELens carries that cfg home; an original folder carries its own
         # config, so a round trip restores whichever was the original.
@@ -226,32 +311,7 @@ def read_weights(folder: str | Path, mmap: bool = True) -> SAEWeights:
     if info.layer is not None:
         info.hook_name = hook_name(info.layer)
     F = dict_size(dict_class, state)
-    sparsity = read_sparsity(folder, F)
-    k = int(state["k"]) if "k" in STATE_KEYS[dict_class] else None
-    if dict_class in ("BatchTopKSAE", "AutoEncoderTopK"):
-        return SAEWeights(
-            W_enc_DF=state["encoder.weight"].T, b_enc_F=state["encoder.bias"], W_dec_FD=state["decoder.weight"].T,
-            b_dec_D=state["b_dec"], activation="jumprelu" if dict_class == "BatchTopKSAE" else "topk",
-            threshold_F=state["threshold"].expand(F), k=k, sparsity_F=sparsity, info=info)
-    if dict_class == "MatryoshkaBatchTopKSAE":
-        return SAEWeights(
-            W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
-            activation="jumprelu", threshold_F=state["threshold"].expand(F), k=k,
-            group_sizes=state["group_sizes"].tolist(), sparsity_F=sparsity, info=info)
-    if dict_class == "JumpReluAutoEncoder":
-        return SAEWeights(
-            W_enc_DF=state["W_enc"], b_enc_F=state["b_enc"], W_dec_FD=state["W_dec"], b_dec_D=state["b_dec"],
-            activation="jumprelu", threshold_F=state["threshold"], apply_b_dec_to_input=False,
-            sparsity_F=sparsity, info=info)
-    # AutoEncoder: its from_pretrained divides decoder columns by their norms (and scales the encoder
-    # to match) whenever they are not all 1, so that is the SAE its users get.
-    W_enc_DF, b_enc_F, W_dec_FD = state["encoder.weight"].T, state["encoder.bias"], state["decoder.weight"].T
-    norms_F = row_norms(W_dec_FD)
-    if not torch.allclose(norms_F, torch.ones_like(norms_F)):
-        W_enc_DF, b_enc_F = Scaled(W_enc_DF, col_scale=norms_F), b_enc_F * norms_F
-        W_dec_FD = Scaled(W_dec_FD, row_scale=1 / norms_F)
-    return SAEWeights(W_enc_DF=W_enc_DF, b_enc_F=b_enc_F, W_dec_FD=W_dec_FD, b_dec_D=state["bias"],
-                      activation="relu", sparsity_F=sparsity, info=info)
+    return SAEWeights(**CLASSES[dict_class].read(state, F), sparsity_F=read_sparsity(folder, F), info=info)
 
 
 def read_checked(folder: Path, mmap: bool) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -262,12 +322,12 @@ def read_checked(folder: Path, mmap: bool) -> tuple[dict, dict[str, torch.Tensor
     config = read_config(folder)
     trainer = config["trainer"]
     dict_class = trainer["dict_class"]
-    if dict_class not in STATE_KEYS:
-        raise WorkbenchError(f"{folder}: dict_class {dict_class} is not supported (supported: {', '.join(STATE_KEYS)}); "
+    if dict_class not in CLASSES:
+        raise WorkbenchError(f"{folder}: dict_class {dict_class} is not supported (supported: {', '.join(CLASSES)}); "
                              "it has no lossless mapping in the workbench")
     path = folder / AE_FILE
     state = load_state_dict(path, mmap=mmap)
-    layout = STATE_KEYS[dict_class]
+    layout = CLASSES[dict_class].layout
     want, have = set(layout), set(state)
     if want != have:  # dictionary_learning loads strictly: the same keys, no more, no fewer
         missing, extra = sorted(want - have), sorted(have - want)
@@ -294,29 +354,8 @@ def read_checked(folder: Path, mmap: bool) -> tuple[dict, dict[str, torch.Tensor
 
 def dict_size(dict_class: str, state: dict[str, torch.Tensor]) -> int:
     """F of a checked state dict of `dict_class`."""
-    return state["encoder.weight"].shape[0] if "encoder.weight" in STATE_KEYS[dict_class] else state["W_enc"].shape[1]
-
-
-def read_sparsity(folder: Path, F: int) -> torch.Tensor | None:
-    """sparsity.safetensors beside the weights (either format): per-latent log10 firing frequency [F], or None."""
-    path = folder / SPARSITY_FILE
-    if not path.is_file():
-        return None
-    try:
-        tensors = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for every kind of damage
-        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
-    sparsity = tensors.get("sparsity")
-    if sparsity is None or tuple(sparsity.shape) != (F,) or not sparsity.is_floating_point():
-        have = ", ".join(f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in tensors.items()) or "nothing"
-        raise WorkbenchError(f"{path} holds {have}, not a float sparsity [{F}] (one value per latent); delete or "
-                             "re-export it")
-    return sparsity
-
-
-def write_sparsity(folder: Path, sparsity_F: torch.Tensor) -> None:
-    """Write sparsity.safetensors ({"sparsity": [F]}, SAELens' file) into folder, atomically."""
-    write_atomic(folder / SPARSITY_FILE, lambda fh: fh.write(safetensors_bytes({"sparsity": sparsity_F.contiguous()})))
+    name, dim = CLASSES[dict_class].dict_size_key
+    return state[name].shape[dim]
 
 
 def dict_class_for(weights: SAEWeights) -> tuple[str, str]:
@@ -374,31 +413,19 @@ def state_dict_for(weights: SAEWeights) -> tuple[str, dict[str, torch.Tensor]]:
     and SAELens' rescale_acts_by_decoder_norm (decoder rows to unit norm, encoder scaled to match)."""
     dict_class = dict_class_for(weights)[0]
     W_enc_DF, b_enc_F, W_dec_FD = weights.W_enc_DF, weights.b_enc_F, weights.W_dec_FD
-    subtracts_b_dec = dict_class != "JumpReluAutoEncoder"
-    if weights.apply_b_dec_to_input != subtracts_b_dec:
+    adapter = CLASSES[dict_class]
+    if weights.apply_b_dec_to_input != adapter.subtracts_b_dec:
         shift_F = vec_times(weights.b_dec_D, W_enc_DF)
-        b_enc_F = b_enc_F + shift_F if subtracts_b_dec else b_enc_F - shift_F
+        b_enc_F = b_enc_F + shift_F if adapter.subtracts_b_dec else b_enc_F - shift_F
     if weights.rescale_acts_by_decoder_norm:
         norms_F = row_norms(W_dec_FD)
         W_enc_DF, b_enc_F, W_dec_FD = Scaled(W_enc_DF, col_scale=norms_F), b_enc_F * norms_F, Scaled(W_dec_FD, row_scale=1 / norms_F)
-    b_dec_D, k = weights.b_dec_D.clone(), torch.tensor(weights.k or 0, dtype=torch.int32)
     # AutoEncoderTopK's optional inference threshold rides along as a constant threshold_F.
     constant = weights.constant_threshold()
-    threshold = torch.tensor(-1.0 if constant is None else constant, dtype=torch.float32)
-    if dict_class in ("BatchTopKSAE", "AutoEncoderTopK"):
-        state = {"b_dec": b_dec_D, "k": k, "threshold": threshold, "decoder.weight": materialize_T(W_dec_FD),
-                 "encoder.weight": materialize_T(W_enc_DF), "encoder.bias": b_enc_F.clone()}
-    elif dict_class == "MatryoshkaBatchTopKSAE":
-        state = {"W_enc": materialize(W_enc_DF), "b_enc": b_enc_F.clone(), "W_dec": materialize(W_dec_FD),
-                 "b_dec": b_dec_D, "k": k, "threshold": threshold,
-                 "group_sizes": torch.tensor(weights.group_sizes, dtype=torch.int64)}
-    elif dict_class == "JumpReluAutoEncoder":
-        state = {"W_enc": materialize(W_enc_DF), "b_enc": b_enc_F.clone(), "W_dec": materialize(W_dec_FD),
-                 "b_dec": b_dec_D, "threshold": weights.threshold_F.clone()}
-    else:
-        state = {"bias": b_dec_D, "encoder.weight": materialize_T(W_enc_DF), "encoder.bias": b_enc_F.clone(),
-                 "decoder.weight": materialize_T(W_dec_FD)}
-    return dict_class, state
+    folded = Folded(W_enc_DF=W_enc_DF, b_enc_F=b_enc_F, W_dec_FD=W_dec_FD, b_dec_D=weights.b_dec_D.clone(),
+                    k=torch.tensor(weights.k or 0, dtype=torch.int32),
+                    threshold=torch.tensor(-1.0 if constant is None else constant, dtype=torch.float32), weights=weights)
+    return dict_class, adapter.write(folded)
 
 
 def _config_for(weights: SAEWeights, dict_class: str) -> dict:
@@ -409,7 +436,8 @@ def _config_for(weights: SAEWeights, dict_class: str) -> dict:
     if original.get("trainer", {}).get("dict_class") == dict_class:
         config = json.loads(json.dumps(original))
     else:
-        trainer_class, keys = TRAINER_KEYS[dict_class]
+        adapter = CLASSES[dict_class]
+        trainer_class, keys = adapter.trainer_class, adapter.trainer_keys
         trainer: dict[str, Any] = {"trainer_class": trainer_class, "dict_class": dict_class, **dict.fromkeys(keys)}
         trainer.update(layer=info.layer, lm_name=info.model_name, wandb_name=dict_class,
                        submodule_name=resid_post_name(info.layer) if info.layer is not None else info.hook_name)
@@ -418,11 +446,11 @@ def _config_for(weights: SAEWeights, dict_class: str) -> dict:
         config = {"trainer": trainer, "buffer": buffer}
     trainer = config["trainer"]
     trainer.update(activation_dim=weights.activation_dim, dict_size=weights.dict_size)
-    if "k" in STATE_KEYS[dict_class]:
+    if "k" in CLASSES[dict_class].layout:
         trainer["k"] = weights.k
-    if "group_sizes" in STATE_KEYS[dict_class]:
+    if "group_sizes" in CLASSES[dict_class].layout:
         trainer["group_sizes"] = list(weights.group_sizes or [])
-    extra = dict(info.workbench)
+    extra = info.provenance.to_dict() if info.provenance is not None else {}
     if info.saelens_cfg is not None:
         extra["converted_from"] = {"format": "saelens", "cfg": info.saelens_cfg}
     if extra:

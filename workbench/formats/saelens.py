@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,11 +32,8 @@ from safetensors.torch import load_file
 
 from workbench.errors import WorkbenchError
 from workbench.files import read_json_object, write_atomic, write_json
-from workbench.formats.dictionary_learning import (
-    SPARSITY_FILE as SPARSITY_FILE,  # the same file in both formats
-)
-from workbench.formats.dictionary_learning import read_sparsity, write_sparsity
 from workbench.formats.weights import (
+    SPARSITY_FILE,
     FileRows,
     SAEInfo,
     SAEWeights,
@@ -46,22 +45,107 @@ from workbench.formats.weights import (
     dtype_of,
     hook_name,
     materialize,
+    read_sparsity,
     row_blocks,
     shape_of,
+    write_sparsity,
 )
+from workbench.provenance import Provenance
 from workbench.sae.registry import holding
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SAELENS_VERSION = "6.54.12"  # the cfg.json format written (and the version the parity tests run)
-ARCHITECTURES = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}
-LAYOUT = {"W_enc": "DF", "W_dec": "FD", "b_enc": "F", "b_dec": "D", "threshold": "F"}  # weights.check_shapes
 HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                torch.int32: "I32", torch.int64: "I64"}
 CFG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
               "torch.float32": torch.float32, "torch.float16": torch.float16, "torch.bfloat16": torch.bfloat16,
               "torch.float64": torch.float64}
+
+
+# ---- one adapter per SAELens architecture ----
+
+_TENSORS = {"W_enc": "DF", "W_dec": "FD", "b_enc": "F", "b_dec": "D"}  # weights.check_shapes dimensions
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What an architecture's reader sees: the SAEWeights built from the common tensors, and the cfg."""
+
+    weights: SAEWeights
+    cfg: dict
+    details: dict  # metadata.training_architecture_details
+    converted: dict  # metadata.converted_from
+    cfg_path: Path
+    lazy: Callable[[str], FileRows]  # a tensor of the weights file, read a block at a time
+
+
+@dataclass(frozen=True)
+class SAELensArch:
+    """One SAELens architecture: its tensors, the workbench activation it is, what only it records in
+    cfg.json (read into SAEWeights, and written from them)."""
+
+    name: str
+    activation: str  # SAEWeights.activation
+    layout: dict[str, str]
+    read: Callable[[Reading], None]
+    write_cfg: Callable[[SAEWeights, dict, dict], None]  # (weights, cfg, cfg["metadata"])
+
+
+def _read_jumprelu(r: Reading) -> None:
+    weights, d_sae, cfg_path = r.weights, r.weights.dict_size, r.cfg_path
+    weights.threshold_F = materialize(r.lazy("threshold"))
+    if r.details.get("k") is not None:
+        weights.k = check_k(r.details["k"], d_sae, f"{cfg_path}: metadata.training_architecture_details.k",
+                            "fix it, or delete it and pass --k K")
+    widths = r.details.get("matryoshka_widths")
+    if widths:
+        sizes = [b - a for a, b in zip([0, *widths[:-1]], widths, strict=True)] if _ints(widths) else []
+        if not sizes or widths[-1] != d_sae or min(sizes) <= 0:
+            raise WorkbenchError(f"{cfg_path}: matryoshka_widths {widths} are not increasing integers up to "
+                                 f"d_sae={d_sae}; fix them or re-export the SAE")
+        weights.group_sizes = sizes
+
+
+def _cfg_jumprelu(weights: SAEWeights, cfg: dict, meta: dict) -> None:
+    if weights.k is None:
+        return
+    # Where SAELens' BatchTopK / Matryoshka trainers record what the jumprelu file cannot hold.
+    details = dict(meta.get("training_architecture_details") or {})
+    if details.get("k") != weights.k:
+        details["k"] = weights.k
+    if weights.group_sizes:
+        details["matryoshka_widths"] = torch.tensor(weights.group_sizes).cumsum(0).tolist()
+    meta.setdefault("training_architecture", holding(weights.group_sizes).saelens_architecture)
+    meta["training_architecture_details"] = details
+
+
+def _read_topk(r: Reading) -> None:
+    weights, d_sae, cfg_path = r.weights, r.weights.dict_size, r.cfg_path
+    k = r.cfg.get("k", (_object(cfg_path, r.cfg, "activation_fn_kwargs")).get("k"))
+    if k is None:
+        raise WorkbenchError(f"{cfg_path} has no k (a topk SAE keeps each token's k largest latents); add it or "
+                             "re-export the SAE")
+    weights.k = check_k(k, d_sae, f"{cfg_path}: k", "fix it or re-export the SAE")
+    if r.converted.get("threshold") is not None:
+        weights.threshold_F = torch.full((d_sae,), float(r.converted["threshold"]), dtype=torch.float32)
+
+
+def _cfg_topk(weights: SAEWeights, cfg: dict, meta: dict) -> None:
+    cfg.update(k=weights.k, rescale_acts_by_decoder_norm=weights.rescale_acts_by_decoder_norm)
+    meta.pop("training_architecture", None)
+
+
+def _nothing(*_: Any) -> None:
+    """The standard (ReLU) architecture records nothing beyond the common keys."""
+
+
+ARCHS = {a.name: a for a in (
+    SAELensArch("jumprelu", "jumprelu", _TENSORS | {"threshold": "F"}, _read_jumprelu, _cfg_jumprelu),
+    SAELensArch("topk", "topk", _TENSORS, _read_topk, _cfg_topk),
+    SAELensArch("standard", "relu", _TENSORS, _nothing, _nothing),
+)}
 
 
 def read_weights(folder: str | Path) -> SAEWeights:
@@ -76,9 +160,9 @@ def read_weights(folder: str | Path) -> SAEWeights:
     arch = cfg.get("architecture") or ("topk" if activation_fn == "topk" else "standard")
     if activation_fn not in ("relu", "topk"):
         raise WorkbenchError(f"{folder}: activation_fn {activation_fn!r} has no dictionary_learning equivalent")
-    if arch not in ARCHITECTURES:
+    if arch not in ARCHS:
         raise WorkbenchError(f"{folder}: SAELens architecture {arch!r} is not supported (supported: "
-                             f"{', '.join(ARCHITECTURES)}); dictionary_learning has no class with its math")
+                             f"{', '.join(ARCHS)}); dictionary_learning has no class with its math")
     if cfg.get("normalize_activations", "none") != "none":
         raise WorkbenchError(f"{folder}: normalize_activations={cfg['normalize_activations']!r} normalises inputs at run "
                              "time, which dictionary_learning cannot represent; fold the scaling into the weights in "
@@ -99,7 +183,8 @@ def read_weights(folder: str | Path) -> SAEWeights:
     details = _object(cfg_path, meta, "training_architecture_details")
     path = folder / WEIGHTS_FILE
     shapes = _tensor_shapes(path)
-    layout = {name: dims for name, dims in LAYOUT.items() if name != "threshold" or arch == "jumprelu"}
+    adapter = ARCHS[arch]
+    layout = adapter.layout
     extra = set(shapes) - set(layout)
     if extra == {"scaling_factor"} and bool((load_file(str(path))["scaling_factor"] == 1).all()):
         extra = set()  # SAELens drops an all-ones scaling_factor
@@ -115,30 +200,10 @@ def read_weights(folder: str | Path) -> SAEWeights:
     info = _info(cfg_path, cfg, meta)
     weights = SAEWeights(
         W_enc_DF=lazy("W_enc"), b_enc_F=materialize(lazy("b_enc")), W_dec_FD=lazy("W_dec"),
-        b_dec_D=materialize(lazy("b_dec")), activation=ARCHITECTURES[arch],
+        b_dec_D=materialize(lazy("b_dec")), activation=adapter.activation,
         apply_b_dec_to_input=flags["apply_b_dec_to_input"], info=info,
         rescale_acts_by_decoder_norm=flags["rescale_acts_by_decoder_norm"], sparsity_F=read_sparsity(folder, d_sae))
-    converted = _object(cfg_path, meta, "converted_from")
-    if arch == "jumprelu":
-        weights.threshold_F = materialize(lazy("threshold"))
-        if details.get("k") is not None:
-            weights.k = check_k(details["k"], d_sae, f"{cfg_path}: metadata.training_architecture_details.k",
-                                "fix it, or delete it and pass --k K")
-        widths = details.get("matryoshka_widths")
-        if widths:
-            sizes = [b - a for a, b in zip([0, *widths[:-1]], widths, strict=True)] if _ints(widths) else []
-            if not sizes or widths[-1] != d_sae or min(sizes) <= 0:
-                raise WorkbenchError(f"{cfg_path}: matryoshka_widths {widths} are not increasing integers up to "
-                                     f"d_sae={d_sae}; fix them or re-export the SAE")
-            weights.group_sizes = sizes
-    elif arch == "topk":
-        k = cfg.get("k", (_object(cfg_path, cfg, "activation_fn_kwargs")).get("k"))
-        if k is None:
-            raise WorkbenchError(f"{cfg_path} has no k (a topk SAE keeps each token's k largest latents); add it or "
-                                 "re-export the SAE")
-        weights.k = check_k(k, d_sae, f"{cfg_path}: k", "fix it or re-export the SAE")
-        if converted.get("threshold") is not None:
-            weights.threshold_F = torch.full((d_sae,), float(converted["threshold"]), dtype=torch.float32)
+    adapter.read(Reading(weights, cfg, details, _object(cfg_path, meta, "converted_from"), cfg_path, lazy))
     return weights
 
 
@@ -171,7 +236,7 @@ def _info(path: Path, cfg: dict, meta: dict) -> SAEInfo:
     return SAEInfo(
         model_name=get("model_name"), layer=int(match.group(1)) if match else None, hook_name=hook,
         context_size=get("context_size"), dataset_path=get("dataset_path"), prepend_bos=get("prepend_bos"),
-        workbench=dict(meta.get("workbench") or {}),
+        provenance=Provenance.from_dict(meta.get("workbench"), f"{path} metadata"),
         # A folder converted from dictionary_learning carries that config home; an original SAELens
         # folder carries its own cfg, so a round trip restores whichever was the original.
         eval_results=converted.get("eval_results") if from_dl else None,
@@ -201,7 +266,7 @@ def write_weights(weights: SAEWeights, folder: str | Path) -> str:
     arch = architecture_for(weights)[0]
     tensors: dict[str, Source] = {"W_enc": weights.W_enc_DF, "W_dec": weights.W_dec_FD,
                                   "b_enc": weights.b_enc_F, "b_dec": weights.b_dec_D}
-    if arch == "jumprelu":
+    if "threshold" in ARCHS[arch].layout:
         tensors["threshold"] = weights.threshold_F.to(weights.dtype).contiguous()
     write_safetensors(folder / WEIGHTS_FILE, tensors)
     write_json(folder / CFG_FILE, _cfg_for(weights, arch), indent=None)
@@ -251,25 +316,14 @@ def _cfg_for(weights: SAEWeights, arch: str) -> dict:
     cfg.update(d_in=weights.activation_dim, d_sae=weights.dict_size, dtype=str(weights.dtype).removeprefix("torch."),
                apply_b_dec_to_input=weights.apply_b_dec_to_input)
     meta = cfg["metadata"]
-    if arch == "topk":
-        cfg.update(k=weights.k, rescale_acts_by_decoder_norm=weights.rescale_acts_by_decoder_norm)
-        meta.pop("training_architecture", None)
-    elif arch == "jumprelu" and weights.k is not None:
-        # Where SAELens' BatchTopK / Matryoshka trainers record what the jumprelu file cannot hold.
-        details = dict(meta.get("training_architecture_details") or {})
-        if details.get("k") != weights.k:
-            details["k"] = weights.k
-        if weights.group_sizes:
-            details["matryoshka_widths"] = torch.tensor(weights.group_sizes).cumsum(0).tolist()
-        meta.setdefault("training_architecture", holding(weights.group_sizes).saelens_architecture)
-        meta["training_architecture_details"] = details
-    if info.workbench:
-        meta["workbench"] = info.workbench
+    ARCHS[arch].write_cfg(weights, cfg, meta)
+    if info.provenance is not None:
+        meta["workbench"] = info.provenance.to_dict()
     if info.dl_config is not None:
         converted: dict[str, Any] = {"format": "dictionary_learning", "config": info.dl_config}
         if info.eval_results is not None:
             converted["eval_results"] = info.eval_results
-        if arch == "topk" and weights.constant_threshold() is not None:
+        if ARCHS[arch].activation == "topk" and weights.constant_threshold() is not None:
             converted["threshold"] = weights.constant_threshold()  # AutoEncoderTopK's optional inference threshold
         meta["converted_from"] = converted
     return cfg

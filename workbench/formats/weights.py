@@ -26,9 +26,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from workbench.errors import WorkbenchError
+from workbench.files import write_atomic
+from workbench.provenance import Provenance
 
 BLOCK_BYTES = 64 << 20  # rows per block: about this many bytes
 TILE = 8192  # columns per tile when a block is transposed (keeps both sides of the copy in cache)
@@ -212,8 +216,8 @@ def hook_name(layer: int) -> str:
 class SAEInfo:
     """What an SAE is for, as far as the source folder says (None: not recorded).
 
-    workbench: the workbench's extra section (sink filter and multiple, first-token removal,
-    normalisation factor, cache, threshold history), carried unchanged through every conversion.
+    provenance: the workbench section (sink filter and multiple, first-token removal, normalisation
+    factor, cache, threshold history; workbench.provenance), carried unchanged through every conversion.
     converted_from: the other format's own config, kept so that converting back restores it."""
 
     model_name: str | None = None
@@ -222,7 +226,7 @@ class SAEInfo:
     context_size: int | None = None
     dataset_path: str | None = None
     prepend_bos: bool | None = None
-    workbench: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance | None = None
     eval_results: dict[str, Any] | None = None
     dl_config: dict[str, Any] | None = None
     saelens_cfg: dict[str, Any] | None = None
@@ -307,3 +311,30 @@ class InferenceSAE(nn.Module):
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x_BD))
+
+
+# ---- the file both formats keep beside their weights ----
+
+SPARSITY_FILE = "sparsity.safetensors"  # per-latent log10 firing frequency, SAELens' file (kept beside ae.pt too)
+
+
+def read_sparsity(folder: Path, F: int) -> torch.Tensor | None:
+    """sparsity.safetensors beside the weights (either format): per-latent log10 firing frequency [F], or None."""
+    path = folder / SPARSITY_FILE
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for every kind of damage
+        raise WorkbenchError(f"{path} is truncated or corrupt ({str(err).splitlines()[0][:200]}); delete or re-export it") from None
+    sparsity = tensors.get("sparsity")
+    if sparsity is None or tuple(sparsity.shape) != (F,) or not sparsity.is_floating_point():
+        have = ", ".join(f"{n} {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for n, t in tensors.items()) or "nothing"
+        raise WorkbenchError(f"{path} holds {have}, not a float sparsity [{F}] (one value per latent); delete or "
+                             "re-export it")
+    return sparsity
+
+
+def write_sparsity(folder: Path, sparsity_F: torch.Tensor) -> None:
+    """Write sparsity.safetensors ({"sparsity": [F]}, SAELens' file) into folder, atomically."""
+    write_atomic(folder / SPARSITY_FILE, lambda fh: fh.write(safetensors_bytes({"sparsity": sparsity_F.contiguous()})))
