@@ -35,18 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workbench.cache import (  # noqa: E402
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    ActivationCache,
-    ShardWriter,
-    chunk_rows,
-    from_stored,
-    to_stored,
-    write_json_atomic,
-)
-from workbench.collect import _finalize  # noqa: E402
+from workbench.cache import ActivationCache, Manifest, ShardWriter, chunk_rows, from_stored, to_stored  # noqa: E402
+from workbench.sink import DEFAULT_SINK_MULTIPLE, SINK  # noqa: E402
 
 ROWS_PER_BATCH = 2048  # one synthetic forward batch
 BATCHES_PER_SHARD = 16
@@ -58,20 +48,17 @@ def write_cache(root: Path, d_model: int, store_dtype: str, num_tokens: int) -> 
     rng = np.random.default_rng(0)
     num_batches = num_tokens // ROWS_PER_BATCH
     root.mkdir(parents=True)
-    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": "synthetic", "layers": [0],
-                "num_model_layers": 1, "d_model": d_model, "model_dtype": store_dtype, "store_dtype": store_dtype,
-                "chunk_rows": chunk_rows(d_model, store_dtype), "requested_rows": num_batches, "complete": False,
-                "recipe": {"model": {"name": "synthetic"},
-                           "data": {"path": "synthetic", "context_length": ROWS_PER_BATCH, "packing": True},
-                           "collect": {"drop_first_token": True, "sink_multiple": 10.0, "sink_median": "real"}}}
-    write_json_atomic(root / MANIFEST, manifest)
+    recipe = {"model": {"name": "synthetic"}, "data": {"path": "synthetic", "context_length": ROWS_PER_BATCH, "packing": True},
+              "collect": {"drop_first_token": True, "sink_multiple": DEFAULT_SINK_MULTIPLE, "sink_median": "real"}}
+    manifest = Manifest.create(root, "synthetic", recipe, [0], 1, d_model, store_dtype, store_dtype, None, None,
+                               num_batches)
     acts = torch.randn(ROWS_PER_BATCH, d_model)
     for shard in range(-(-num_batches // BATCHES_PER_SHARD)):
         first = shard * BATCHES_PER_SHARD
         writer = ShardWriter(root, shard, first, [0], d_model, store_dtype)
         kept = 0
         for b in range(first, min(first + BATCHES_PER_SHARD, num_batches)):
-            reason = (rng.random(ROWS_PER_BATCH) < 0.01).astype(np.uint8) * 2
+            reason = (rng.random(ROWS_PER_BATCH) < 0.01).astype(np.uint8) * SINK
             tokens = {"token_id": np.zeros(ROWS_PER_BATCH, np.int32), "sequence": np.full(ROWS_PER_BATCH, b, np.int64),
                       "position": np.arange(ROWS_PER_BATCH, dtype=np.int32), "batch": np.full(ROWS_PER_BATCH, b, np.int32)}
             layer = {"activations": to_stored(acts.roll(b, 0), store_dtype), "norm": np.ones(ROWS_PER_BATCH, np.float32),
@@ -81,7 +68,7 @@ def write_cache(root: Path, d_model: int, store_dtype: str, num_tokens: int) -> 
         stats = {"tokens": writer.num_tokens, "sequences": writer.num_batches,
                  "layers": {"0": {"kept": kept, "first_token": 0, "sink": writer.num_tokens - kept}}}
         writer.finish(stats)
-    _finalize(root, manifest, num_batches, BATCHES_PER_SHARD, set())
+    manifest.finalise(-(-num_batches // BATCHES_PER_SHARD), set())
 
 
 def read_sequential(root: Path, store_dtype: str) -> int:

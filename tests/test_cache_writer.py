@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench import cache as cache_mod
 from workbench.cache import ShardWriter, chunk_rows, from_stored, meta_chunk_rows, to_stored
+from workbench.cache import writer as writer_mod
 from workbench.errors import WorkbenchError
 
 
@@ -78,13 +78,13 @@ def test_a_failing_disk_becomes_one_error_and_leaves_no_partial_file(tmp_path, m
         def __getattr__(self, name):
             return getattr(self.fh, name)
 
-    real_init = cache_mod._GuardedFile.__init__
+    real_init = writer_mod._GuardedFile.__init__
 
     def init(self, path):
         real_init(self, path)
         self.fh = FillingDisk(self.fh)
 
-    monkeypatch.setattr(cache_mod._GuardedFile, "__init__", init)
+    monkeypatch.setattr(writer_mod._GuardedFile, "__init__", init)
     rng = np.random.default_rng(1)
     writer = ShardWriter(tmp_path, 0, 0, [1], 64, "float32")
     writer.slab_rows = meta_chunk_rows(64, "float32")

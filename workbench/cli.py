@@ -124,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from workbench.inspect_cache import describe
+    from workbench.cache.inspect import describe
 
     print(describe(args.cache, top=args.top, check=args.verify))
     return 0

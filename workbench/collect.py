@@ -12,7 +12,6 @@ redoes only the shards that were not finished (and any finished shard found miss
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import signal
@@ -21,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
@@ -29,24 +27,19 @@ import numpy as np
 import torch
 
 from workbench import data as data_mod
-from workbench.cache import (
-    FORMAT,
-    FORMAT_VERSION,
+from workbench.cache.layout import (
     LOCK_FILE,
     MANIFEST,
-    ShardWriter,
-    chunk_rows,
-    manifest_mismatch,
-    prefetch,
-    read_manifest,
-    shard_expectations,
+    Manifest,
+    Summary,
     shard_is_complete,
     shard_name,
+    shard_stats,
     to_stored,
     verify_shard,
-    write_error,
-    write_json_atomic,
 )
+from workbench.cache.reader import prefetch
+from workbench.cache.writer import ShardWriter, write_error
 from workbench.config import Recipe, fingerprint, to_dict
 from workbench.dist import on_main_first, process_state, resolve_device
 from workbench.errors import WorkbenchError
@@ -61,7 +54,7 @@ from workbench.model import (
     num_layers_of,
     resolve_layers,
 )
-from workbench.sink import FIRST_TOKEN, SINK, first_token_mask, sink_filter
+from workbench.sink import FIRST_TOKEN, SINK, drop_reasons, first_token_mask, keep_mask, sink_filter
 
 
 def cache_identity(recipe: Recipe) -> dict:
@@ -72,66 +65,15 @@ def cache_identity(recipe: Recipe) -> dict:
     return {"model": to_dict(recipe.model), "data": to_dict(recipe.data), "collect": collect}
 
 
-@dataclass
-class LayerStats:
-    kept: int = 0
-    first_token: int = 0
-    sink: int = 0
-
-    def add(self, other: dict) -> None:
-        self.kept += other["kept"]
-        self.first_token += other["first_token"]
-        self.sink += other["sink"]
-
-
-@dataclass
-class Summary:
-    """What a cache holds (tokens = stored, i.e. non-padding, tokens) and, for this run, its speed."""
-
-    tokens: int = 0
-    sequences: int = 0
-    shards: int = 0
-    bytes: int = 0
-    layers: dict[int, LayerStats] = field(default_factory=dict)
-    requested_rows: int = 0
-    context_length: int = 0
-    seconds: float = 0.0  # this run's collection loop (0 when nothing was left to do)
-    tokens_this_run: int = 0  # tokens of the shards this run wrote
-
-    def as_dict(self) -> dict:
-        return {"tokens": self.tokens, "sequences": self.sequences, "shards": self.shards, "bytes": self.bytes,
-                "layers": {str(k): vars(v) for k, v in self.layers.items()}}
-
-    @property
-    def ran_out(self) -> bool:
-        return 0 < self.sequences < self.requested_rows
-
-    def table(self) -> str:
-        lines = [f"tokens read {self.tokens:,} in {self.sequences:,} sequences, {self.shards} shards, "
-                 f"{self.bytes / 2**20:,.1f} MiB written"]
-        if self.seconds > 0:
-            lines[0] += f"; this run {self.tokens_this_run:,} tokens in {self.seconds:,.1f} s " \
-                        f"({self.tokens_this_run / self.seconds:,.0f} tokens/s)"
-        lines.append(f"{'layer':>6} {'kept':>12} {'first token':>12} {'sinks':>10} {'sink %':>8}")
-        for layer, s in sorted(self.layers.items()):
-            pct = 100 * s.sink / max(self.tokens, 1)
-            lines.append(f"{layer:>6} {s.kept:>12,} {s.first_token:>12,} {s.sink:>10,} {pct:>7.3f}%")
-        if self.ran_out:
-            lines.append(f"warning: the data ran out: {self.sequences:,} of the {self.requested_rows:,} requested rows "
-                         f"(data.num_tokens {self.requested_rows * self.context_length:,}) were read; "
-                         "add data or lower data.num_tokens")
-        return "\n".join(lines)
-
-
-def _inspect_dir(out: Path, identity: dict) -> dict | None:
+def _inspect_dir(out: Path, identity: dict) -> Manifest | None:
     """Check the output directory against the recipe. Returns the existing manifest, if any; changes nothing."""
-    manifest = read_manifest(out)
+    manifest = Manifest.read(out)
     if manifest is not None:
-        if manifest.get("format") != FORMAT:
-            raise WorkbenchError(f"{out / MANIFEST} is not an activation-cache manifest; choose another collect.out")
-        if manifest.get("fingerprint") != fingerprint(identity):
+        if not manifest.is_cache:
+            raise WorkbenchError(f"{manifest.path} is not an activation-cache manifest; choose another collect.out")
+        if manifest.data.get("fingerprint") != fingerprint(identity):
             diffs = [f"{sec}.{k}" for sec in identity for k in identity[sec]
-                     if manifest["recipe"].get(sec, {}).get(k) != identity[sec][k]]
+                     if manifest.data["recipe"].get(sec, {}).get(k) != identity[sec][k]]
             raise WorkbenchError(f"{out} holds a cache made by a different recipe (differs in {', '.join(diffs) or 'its recipe'}); "
                                  "choose another collect.out or delete that directory; nothing was changed")
         return manifest
@@ -144,19 +86,19 @@ def _inspect_dir(out: Path, identity: dict) -> dict | None:
     return None
 
 
-def _damaged_shards(out: Path, manifest: dict, state) -> list[tuple[str, str]]:
+def _damaged_shards(out: Path, manifest: Manifest, state) -> list[tuple[str, str]]:
     """The shards of a complete cache to redo, as (file, why): missing, truncated, unreadable, or not
     matching their checksums. Every process reads its share (shard i on process i mod W, like the
     writing) and all get the whole list. A shard that is whole but disagrees with the manifest means
     the manifest was edited: that is one error naming manifest.json, and nothing is deleted."""
     from tqdm.auto import tqdm
 
-    shards = manifest["shards"]
+    shards = manifest.data["shards"]
     mine = range(state.process_index, len(shards), state.num_processes)
     found = []
     for index in tqdm(mine, desc="verify", unit="shard", disable=not state.is_main_process or len(mine) < 2,
                       dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False):
-        check = verify_shard(out / shards[index]["file"], shards[index].get("bytes"), shard_expectations(manifest, index))
+        check = verify_shard(out / shards[index]["file"], shards[index].get("bytes"), manifest.shard_expectations(index))
         if check.damaged or check.mismatch:
             found.append((shards[index]["file"], check.damaged, check.mismatch))
     if state.num_processes > 1:
@@ -165,16 +107,15 @@ def _damaged_shards(out: Path, manifest: dict, state) -> list[tuple[str, str]]:
         found = gather_object(found)
     for file, _, mismatch in found:
         if mismatch:
-            raise manifest_mismatch(out, out / file, mismatch)
+            raise manifest.mismatch(out / file, mismatch)
     return sorted((file, damaged) for file, damaged, _ in found)
 
 
-def _reopen(out: Path, manifest: dict, damaged: list[tuple[str, str]]) -> dict:
+def _reopen(out: Path, manifest: Manifest, damaged: list[tuple[str, str]]) -> Manifest:
     """Mark a complete cache incomplete and delete its damaged shards, so that collection redoes them."""
     print(f"cache {out}: redoing {len(damaged)} missing or damaged shard(s): "
           f"{'; '.join(f'{Path(file).name} ({why})' for file, why in damaged)}", file=sys.stderr)
-    manifest = {k: v for k, v in manifest.items() if k not in ("shards", "summary")} | {"complete": False}
-    write_json_atomic(out / MANIFEST, manifest)
+    manifest = manifest.reopen()
     for file, _ in damaged:
         (out / file).unlink(missing_ok=True)
     return manifest
@@ -274,7 +215,7 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
     out = Path(c.out)
     identity = cache_identity(recipe)
 
-    def check_dir() -> dict | None:
+    def check_dir() -> Manifest | None:
         _inspect_dir(out, identity)  # refuses a folder that is not this recipe's cache, before locking it
         if not out.is_dir():
             return None  # locked when it is made, after every check
@@ -282,10 +223,10 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
         return _inspect_dir(out, identity)  # again: it may have changed before the lock was ours
 
     manifest = on_main_first(state, check_dir)
-    if manifest is not None and manifest.get("complete"):
+    if manifest is not None and manifest.complete:
         damaged = _damaged_shards(out, manifest, state)
         if not damaged:
-            summary = _summary_from_manifest(manifest)
+            summary = manifest.summary()
             if state.is_main_process:
                 print(f"cache {out} is already complete; nothing to do")
                 print(summary.table())
@@ -314,26 +255,20 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
     store_dtype = model_dtype if c.store_dtype == "model" else c.store_dtype
     requested_rows = data_mod.num_rows(d)
 
-    def create() -> dict:
+    def create() -> Manifest:
         lock.take()
         current = _inspect_dir(out, identity)  # another run may have made it since check_dir
         if current is not None:
             found = {"layers": layers, "d_model": d_model, "store_dtype": store_dtype, "num_model_layers": num_layers}
-            changed = [k for k, v in found.items() if current.get(k) != v]
+            changed = [k for k, v in found.items() if current.data.get(k) != v]
             if changed:
-                raise WorkbenchError(f"{out / MANIFEST} records {', '.join(f'{k} {current.get(k)}' for k in changed)} but "
+                raise WorkbenchError(f"{current.path} records {', '.join(f'{k} {current.data.get(k)}' for k in changed)} but "
                                      f"the model gives {', '.join(f'{k} {found[k]}' for k in changed)}: the model changed "
                                      "since the cache was started (or the manifest was edited); choose another "
                                      "collect.out; nothing was changed")
             return current
-        new = {"format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint(identity),
-               "recipe": identity, "layers": layers, "num_model_layers": num_layers, "d_model": d_model,
-               "store_dtype": store_dtype, "model_dtype": model_dtype, "chunk_rows": chunk_rows(d_model, store_dtype),
-               "bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
-               "requested_rows": requested_rows, "requested_tokens": requested_rows * d.context_length,
-               "complete": False}
-        write_json_atomic(out / MANIFEST, new)
-        return new
+        return Manifest.create(out, fingerprint(identity), identity, layers, num_layers, d_model, store_dtype,
+                               model_dtype, tokenizer.bos_token_id, tokenizer.pad_token_id, requested_rows)
 
     manifest = on_main_first(state, create)
 
@@ -356,7 +291,7 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
 
-    summary = on_main_first(state, lambda: _finalize(out, manifest, num_batches, c.shard_batches, done_before))
+    summary = on_main_first(state, lambda: _finalize(manifest, num_batches, c.shard_batches, done_before))
     summary.seconds = seconds
     if state.is_main_process:
         print(summary.table())
@@ -429,8 +364,7 @@ def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], la
                         writes.submit(writer.finish, stats)
                     writer = ShardWriter(out, shard, batch.index, layers, d_model, store_dtype,
                                           process)
-                    stats = {"tokens": 0, "sequences": 0,
-                             "layers": {str(L): {"kept": 0, "first_token": 0, "sink": 0} for L in layers}}
+                    stats = shard_stats(layers)
                 tokens, per_layer = _process_batch(run, batch, device, layers, recipe, bos, store_dtype, stats)
                 writes.submit(writer.append, tokens, per_layer)
                 bar.update(len(batch.sequence_B) * ctx)
@@ -474,8 +408,7 @@ def _process_batch(run, batch: data_mod.Batch, device: torch.device, layers: lis
         finite_N = torch.isfinite(stored_ND).all(dim=1)
         if not bool(finite_N.all()):
             raise _nonfinite_error(recipe, layer, batch.index, tokens, acts_ND, finite_N, store_dtype)
-        reason_BL = torch.where(first_BL, FIRST_TOKEN, torch.where(flt.sink_BL.cpu(), SINK, 0)).to(torch.uint8)
-        reason = reason_BL[valid_BL].numpy()
+        reason = drop_reasons(keep_mask(valid_BL, flt.sink_BL.cpu(), first_BL), first_BL)[valid_BL].numpy()
         per_layer[layer] = {
             "activations": to_stored(stored_ND.cpu(), store_dtype),
             "norm": flt.norms_BL[valid_dev_BL].cpu().numpy(),
@@ -512,47 +445,9 @@ def _nonfinite_error(recipe: Recipe, layer: int, batch: int, tokens: dict, acts_
                           "non-finite was stored and the finished shards are kept")
 
 
-def _finalize(out: Path, manifest: dict, num_batches: int, shard_batches: int, done_before: set[int]) -> Summary:
-    """Check every shard is there and complete, then mark the cache complete with its summary.
+def _finalize(manifest: Manifest, num_batches: int, shard_batches: int, done_before: set[int]) -> Summary:
+    """Mark the cache complete (Manifest.finalise) once every shard of the data's batches is written.
     done_before: the shards that were complete before this run (for this run's speed)."""
-    import h5py
-
     if num_batches == 0:
         raise WorkbenchError("the data gave no rows; check data.path")
-    num_shards = math.ceil(num_batches / shard_batches)
-    summary = Summary(shards=num_shards, requested_rows=int(manifest["requested_rows"]),
-                      context_length=int(manifest["recipe"]["data"]["context_length"]))
-    shards = []
-    for index in range(num_shards):
-        path = out / shard_name(index)
-        if not shard_is_complete(path):
-            raise WorkbenchError(f"shard {path} is missing after collection; re-run the same command to redo it")
-        size = path.stat().st_size
-        try:
-            with h5py.File(path, "r") as h5:
-                stats = json.loads(h5.attrs["stats"])
-                shards.append({"file": shard_name(index), "num_tokens": int(h5.attrs["num_tokens"]),
-                               "num_batches": int(h5.attrs["num_batches"]), "first_batch": int(h5.attrs["first_batch"]),
-                               "bytes": size})
-        except (OSError, KeyError, ValueError) as err:  # json's error is a ValueError
-            raise WorkbenchError(f"cannot read shard {path} ({(str(err).splitlines() or [type(err).__name__])[0]}); "
-                                 "delete it and re-run the same command to redo it") from None
-        summary.tokens += stats["tokens"]
-        summary.sequences += stats["sequences"]
-        summary.bytes += size
-        if index not in done_before:
-            summary.tokens_this_run += stats["tokens"]
-        for layer, s in stats["layers"].items():
-            summary.layers.setdefault(int(layer), LayerStats()).add(s)
-    manifest.update(complete=True, shards=shards, summary=summary.as_dict())
-    write_json_atomic(out / MANIFEST, manifest)
-    return summary
-
-
-def _summary_from_manifest(manifest: dict) -> Summary:
-    s = manifest["summary"]
-    return Summary(tokens=s["tokens"], sequences=s["sequences"], shards=s["shards"], bytes=s["bytes"],
-                   layers={layer: LayerStats(*(s["layers"][str(layer)][k] for k in ("kept", "first_token", "sink")))
-                           for layer in manifest["layers"]},
-                   requested_rows=int(manifest.get("requested_rows", 0)),
-                   context_length=int(manifest["recipe"]["data"]["context_length"]))
+    return manifest.finalise(math.ceil(num_batches / shard_batches), done_before)

@@ -26,6 +26,7 @@ from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
 from workbench.errors import WorkbenchError
+from workbench.sink import DEFAULT_SINK_MULTIPLE
 
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 STORE_DTYPES = ("model", "bfloat16", "float16", "float32")
@@ -66,7 +67,7 @@ class DataConfig:
 class CollectConfig:
     layers: list[Any] = field(default_factory=lambda: [0.5])  # ints, or fractions in (0, 1) of the depth
     batch_size: int = 8  # sequences per forward
-    sink_multiple: float | None = 10.0  # drop tokens with norm > multiple x batch median; null: off
+    sink_multiple: float | None = DEFAULT_SINK_MULTIPLE  # drop tokens with norm > multiple x batch median; null: off
     sink_median: str = "real"  # real: median over non-padding tokens; all: every position (reference rule)
     drop_first_token: bool = True  # the BOS token, or the first non-pad token when there is no BOS
     store_dtype: str = "model"  # model | bfloat16 | float16 | float32

@@ -12,8 +12,8 @@ token across batches.
 Which tokens are spliced. The SAE never saw sink tokens or first tokens (collection dropped them), so by
 default they pass through unreconstructed: only tokens the filter keeps are replaced, and the zero
 ablation zeroes the same tokens so that frac_recovered compares like with like. The filter is
-`workbench.sink.sink_filter` + `first_token_mask`, the functions collection uses, on the clean layer
-output of the same batch, so a token is spliced exactly when collection would have kept it. The
+`workbench.sink.sink_filter`, `first_token_mask` and `keep_mask`, the functions collection uses, on the
+clean layer output of the same batch, so a token is spliced exactly when collection would have kept it. The
 splice-all variant replaces (and zeroes) every real token: dictionary_learning's definition. Both are
 computed in the same pass and reported; `splice_all` picks which one fills the reference keys.
 
@@ -54,7 +54,7 @@ from workbench.model import (
     num_layers_of,
 )
 from workbench.sae import SAE
-from workbench.sink import first_token_mask, sink_filter
+from workbench.sink import DEFAULT_SINK_MULTIPLE, first_token_mask, keep_mask, sink_filter
 
 VARIANTS = ("passthrough", "splice_all")
 
@@ -150,7 +150,7 @@ def evaluate_with_model(
     sae: SAE,
     layer: int,
     batches: Iterable[Batch],
-    sink_multiple: float | None = 10.0,
+    sink_multiple: float | None = DEFAULT_SINK_MULTIPLE,
     drop_first_token: bool = True,
     splice_all: bool = False,
     sink_median: str = "real",
@@ -178,7 +178,7 @@ def evaluate_with_model(
             clean_BLV, resid_BLD = run(ids_BL, mask_BL)
             flt = sink_filter(resid_BLD, sink_multiple, valid_BL, sink_median)
             first_BL = first_token_mask(ids_BL, mask_BL, tokenizer.bos_token_id) if drop_first_token else torch.zeros_like(valid_BL)
-            where = {"passthrough": flt.keep_BL & ~first_BL, "splice_all": valid_BL}
+            where = {"passthrough": keep_mask(valid_BL, flt.sink_BL, first_BL), "splice_all": valid_BL}
             sums["original"] += _loss_and_kl(clean_BLV, None, ids_BL, pred_BL)[0]
             for variant in VARIANTS:
                 spliced_BLD, zeroed_BLD = _splice(resid_BLD, where[variant], sae, use_threshold)

@@ -23,6 +23,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from workbench.cache.layout import manifest_path
 from workbench.errors import WorkbenchError
 from workbench.files import write_atomic, write_text
 from workbench.formats import dictionary_learning as dl
@@ -190,8 +191,7 @@ def _prepend_bos(cache: str | None) -> bool | None:
     """SAELens' prepend_bos: whether the collected rows began with a BOS token (Qwen has none)."""
     if not cache:
         return None
-    manifest = Path(cache) / "manifest.json"
     try:
-        return json.loads(manifest.read_text()).get("bos_token_id") is not None
+        return json.loads(manifest_path(cache).read_text()).get("bos_token_id") is not None
     except (OSError, json.JSONDecodeError):
         return None

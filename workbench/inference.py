@@ -3,7 +3,7 @@
 The SAEs never saw attention-sink tokens (norm > multiple x the batch median) or first tokens: the
 collection stage dropped them. Encoding them anyway gives latents far outside anything seen in
 training, so at inference they must be filtered the same way. `encode_filtered` does that with
-`workbench.sink.sink_filter`, the function collection itself uses:
+`workbench.sink.sink_filter` and `keep_mask`, the functions collection itself uses:
 
     sae = load_sae("export/blocks.2.hook_resid_post")              # any format
     settings = filter_settings("export/blocks.2.hook_resid_post")  # what training used
@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from workbench.config import CollectConfig
-from workbench.sink import sink_filter
+from workbench.sink import DEFAULT_SINK_MULTIPLE, keep_mask, sink_filter
 
 
-def encode_filtered(sae: torch.nn.Module, resid_BLD: torch.Tensor, multiple: float | None = 10.0,
+def encode_filtered(sae: torch.nn.Module, resid_BLD: torch.Tensor, multiple: float | None = DEFAULT_SINK_MULTIPLE,
                     valid_BL: torch.Tensor | None = None, median_over: str = "real",
                     first_token_BL: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents [B, L, F] of residual activations [B, L, D], zero at sink tokens, padding (valid_BL False)
@@ -31,9 +31,9 @@ def encode_filtered(sae: torch.nn.Module, resid_BLD: torch.Tensor, multiple: flo
     `sae` is anything with encode([N, D]) -> [N, F] that encodes each token on its own (the JumpReLU
     rule: workbench modules, dictionary_learning's BatchTopKSAE, SAELens' SAEs). One median per call,
     as in collection: pass one forward batch at a time. multiple=None turns the sink filter off."""
-    keep_BL = sink_filter(resid_BLD, multiple=multiple, valid_BL=valid_BL, median_over=median_over).keep_BL
-    if first_token_BL is not None:
-        keep_BL = keep_BL & ~first_token_BL.bool()
+    flt = sink_filter(resid_BLD, multiple=multiple, valid_BL=valid_BL, median_over=median_over)
+    keep_BL = keep_mask(None if valid_BL is None else valid_BL.bool(), flt.sink_BL,
+                        None if first_token_BL is None else first_token_BL.bool())
     f_NF = sae.encode(resid_BLD[keep_BL])
     f_BLF = f_NF.new_zeros((*keep_BL.shape, f_NF.shape[-1]))
     f_BLF[keep_BL] = f_NF

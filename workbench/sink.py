@@ -1,7 +1,9 @@
-"""The attention-sink filter and first-token removal: the one implementation.
+"""The sink rule: which tokens an SAE sees. The attention-sink filter, first-token removal, and
+`keep_mask` (kept = valid, not a sink, not the first token), with the default multiple and the drop
+reasons the cache stores.
 
-Collection, re-filtering at read time, evaluation and inference with a trained SAE all call these
-functions, so a token is a sink in exactly the same cases everywhere.
+Collection, re-filtering at read time (the cache reader), evaluation and inference with a trained SAE
+all call these functions, so a token is a sink, and is kept, in exactly the same cases everywhere.
 
 The rule (dictionary_learning PR #52): per forward batch and per layer, a token is a sink when
     ||h|| > multiple * median(||h||)
@@ -18,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+DEFAULT_SINK_MULTIPLE = 10.0  # collect.sink_multiple's default, the reference rule's (PR #52)
 FIRST_TOKEN = 1  # drop reasons stored in the cache (0 = kept)
 SINK = 2
-DROP_REASONS = {0: "kept", FIRST_TOKEN: "first_token", SINK: "sink"}
 
 
 def token_norms(acts_BLD: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,19 @@ def first_token_mask(input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor
     return (valid_BL.long().cumsum(dim=1) == 1) & valid_BL
 
 
+def keep_mask(valid_BL: torch.Tensor | None, sink_BL: torch.Tensor, first_BL: torch.Tensor | None = None) -> torch.Tensor:
+    """The tokens an SAE sees: kept = valid (not padding), not a sink, not the first token. Boolean
+    masks of one shape; valid_BL None: every token is real (a cache stores no padding); first_BL None:
+    first-token removal is off."""
+    keep_BL = ~sink_BL if valid_BL is None else valid_BL & ~sink_BL
+    return keep_BL if first_BL is None else keep_BL & ~first_BL
+
+
+def drop_reasons(keep_BL: torch.Tensor, first_BL: torch.Tensor) -> torch.Tensor:
+    """Why each real token is dropped, as the cache stores it (uint8): 0 kept, FIRST_TOKEN, else SINK."""
+    return torch.where(keep_BL, 0, torch.where(first_BL, FIRST_TOKEN, SINK)).to(torch.uint8)
+
+
 @dataclass
 class SinkFilter:
     """The filter's decision for one batch: keep_BL (valid, not a sink), the norms and the median."""
@@ -63,7 +78,7 @@ class SinkFilter:
 
 def sink_filter(
     acts_BLD: torch.Tensor,
-    multiple: float | None = 10.0,
+    multiple: float | None = DEFAULT_SINK_MULTIPLE,
     valid_BL: torch.Tensor | None = None,
     median_over: str = "real",
 ) -> SinkFilter:
@@ -89,4 +104,4 @@ def sink_filter(
         sink_BL = torch.zeros_like(valid_BL)
     else:
         sink_BL = is_sink(norms_BL, median, multiple) & valid_BL
-    return SinkFilter(keep_BL=valid_BL & ~sink_BL, sink_BL=sink_BL, norms_BL=norms_BL, median=median)
+    return SinkFilter(keep_BL=keep_mask(valid_BL, sink_BL), sink_BL=sink_BL, norms_BL=norms_BL, median=median)

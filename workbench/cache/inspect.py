@@ -1,5 +1,6 @@
 """`workbench inspect CACHE [--verify]`: what a cache holds and what the sink filter did, shard by shard;
-with --verify, every byte of every shard checked against its checksums."""
+with --verify, every byte of every shard checked against its checksums. It reads through ActivationCache's
+public methods only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 
-from workbench.cache import ActivationCache, manifest_mismatch, shard_expectations, verify_shard
+from workbench.cache.reader import ActivationCache
 from workbench.errors import WorkbenchError
 from workbench.sink import SINK
 
@@ -21,7 +22,7 @@ def sink_statistics(cache: ActivationCache, layer: int) -> dict:
     for shard in range(len(cache.shards)):
         g = f"layer_{layer}"
         reason = cache.read_vector(shard, f"{g}/drop_reason")
-        batch = cache.read_vector(shard, "tokens/batch") - int(cache._h5(shard).attrs["first_batch"])
+        batch = cache.read_vector(shard, "tokens/batch") - cache.first_batch(shard)
         ratio = cache.read_vector(shard, f"{g}/norm") / cache.read_vector(shard, f"{g}/batch_median")[batch]
         sink = reason == SINK
         sink_ids.update(cache.read_vector(shard, "tokens/token_id")[sink].tolist())
@@ -36,13 +37,11 @@ def sink_statistics(cache: ActivationCache, layer: int) -> dict:
 
 
 def verify(cache: ActivationCache) -> str:
-    """Read every shard whole and check it (see cache.verify_shard). Returns the report line; a corrupt
+    """Read every shard whole and check it (ActivationCache.check_shard). Returns the report line; a corrupt
     shard (or a manifest that disagrees with the shards) is one WorkbenchError naming every one."""
     corrupt, unverified = [], 0
     for index, path in enumerate(cache.shards):
-        check = verify_shard(path, cache.manifest["shards"][index].get("bytes"), shard_expectations(cache.manifest, index))
-        if check.mismatch:
-            raise manifest_mismatch(cache.root, path, check.mismatch)
+        check = cache.check_shard(index)
         if check.damaged:
             corrupt.append(f"{path.name} ({check.damaged})")
         elif not check.verified:
