@@ -5,8 +5,9 @@ output path, computed from the recipe alone: no weights are loaded. The model's 
 `model.num_layers` / `model.d_model` when the recipe states them (works offline), else from the model's
 config file only (AutoConfig).
 
-Cache size follows the layout in workbench/cache.py, uncompressed, without HDF5's own overhead (about
-40 kB a shard: headers, chunk indexes; tests/test_plan.py checks the formula against a real collection):
+Cache size is the formula of the cache layout (workbench/cache/layout.py: cache_bytes), uncompressed,
+without HDF5's own overhead (about 40 kB a shard: headers, chunk indexes; tests/test_plan.py checks the
+formula against a real collection):
     per token            token_id int32 + sequence int64 + position int32 + batch int32  = 20 B
     per token per layer  activations d_model x itemsize(stored dtype) + norm float32 + drop_reason uint8
                          + kept bool                                                    = D*s + 6 B
@@ -20,6 +21,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.cache.layout import (
+    LAYER_TOKEN_BYTES,
+    STORE_NUMPY,
+    TOKEN_BYTES,
+    cache_bytes,
+    layer_bytes,
+    store_itemsize,
+)
 from workbench.config import Recipe, schedule_step, train_steps
 from workbench.data import num_rows
 from workbench.errors import WorkbenchError
@@ -27,11 +36,6 @@ from workbench.export import default_series_name, export_id
 from workbench.model import d_model_of, load_config, num_layers_of, resolve_layers, text_config
 from workbench.sae.registry import ARCHITECTURES, MATRYOSHKA
 from workbench.training import auto_lr, layer_dir
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-TOKEN_META_BYTES = 4 + 8 + 4 + 4  # token_id int32, sequence int64, position int32, batch int32
-LAYER_META_BYTES = 4 + 1 + 1  # norm float32, drop_reason uint8, kept bool
-MEDIAN_BYTES = 4  # batch_median float32, per forward batch and layer
 
 
 @dataclass
@@ -51,7 +55,7 @@ class SAEPlan:
 
 
 @dataclass
-class Plan:
+class PipelinePlan:
     """Everything a recipe implies, as numbers and paths (`render` prints it)."""
 
     recipe_path: str | None
@@ -131,7 +135,7 @@ def store_dtype(recipe: Recipe) -> str:
     config = _read_config(recipe)
     dtype = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None)
     name = str(dtype).removeprefix("torch.")
-    if name not in DTYPE_BYTES:
+    if name not in STORE_NUMPY:
         raise WorkbenchError(f"the config of model.name '{recipe.model.name}' does not name a float dtype (got {dtype}); "
                              "set model.dtype or collect.store_dtype in the recipe")
     return name
@@ -154,7 +158,7 @@ def export_dir(recipe: Recipe, fmt: str, layer: int, name: str) -> Path:
     return Path(recipe.export.out) / fmt / export_id(fmt, series_name(recipe), layer, name, several_in_layer=several)
 
 
-def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
+def plan(recipe: Recipe, recipe_path: str | None = None) -> PipelinePlan:
     """Everything the recipe implies, computed without loading weights (see the module docstring)."""
     c, d, t = recipe.collect, recipe.data, recipe.train
     num_layers, d_model, source = model_shape(recipe)
@@ -166,11 +170,8 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
     first_tokens = sequences if c.drop_first_token else 0
     batches = math.ceil(sequences / c.batch_size)
     shards = math.ceil(batches / c.shard_batches)
-    act_bytes = d_model * DTYPE_BYTES[stored]
-    per_layer = tokens * (act_bytes + LAYER_META_BYTES) + batches * MEDIAN_BYTES
-    cache_bytes = tokens * TOKEN_META_BYTES + len(layers) * per_layer
+    act_bytes = d_model * store_itemsize(stored)
     shard_tokens = c.shard_batches * c.batch_size * d.context_length
-    shard_bytes = shard_tokens * (TOKEN_META_BYTES + len(layers) * (act_bytes + LAYER_META_BYTES))
 
     steps = train_steps(t)
     train_layers = _train_layers(recipe, layers, num_layers)
@@ -190,13 +191,16 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> Plan:
     ev = recipe.eval
     eval_source = (f"split '{ev.split}' of {d.path} from its start" if ev.split
                    else f"rows {sequences:,} onwards of {d.path} (after the rows the cache read)")
-    p = Plan(
+    p = PipelinePlan(
         recipe_path=recipe_path, model=recipe.model.name, num_layers=num_layers, d_model=d_model,
         shape_source=source, layer_spec=list(c.layers), layers=layers, store_dtype=stored,
         data_path=d.path, context_length=d.context_length, packing=d.packing, sequences=sequences,
         tokens=tokens, first_tokens=first_tokens, forward_batches=batches, shards=shards,
-        bytes_per_token_per_layer=act_bytes, cache_bytes_per_layer=per_layer, cache_bytes=cache_bytes,
-        shard_bytes=shard_bytes, cache_dir=c.out, train_tokens=t.num_tokens, train_batch_size=t.batch_size,
+        bytes_per_token_per_layer=act_bytes,
+        cache_bytes_per_layer=layer_bytes(tokens, batches, d_model, stored),
+        cache_bytes=cache_bytes(tokens, batches, d_model, stored, len(layers)),
+        shard_bytes=cache_bytes(shard_tokens, 0, d_model, stored, len(layers)),  # its batch medians: negligible
+        cache_dir=c.out, train_tokens=t.num_tokens, train_batch_size=t.batch_size,
         steps=steps, warmup_steps=t.warmup_steps, decay_start_step=schedule_step(t.decay_start, steps),
         k_anneal_steps=schedule_step(t.k_anneal_steps, steps) or 0,
         holdout_tokens=t.eval_tokens + recipe.threshold.num_tokens, saes=saes, train_dir=t.out,
@@ -230,7 +234,7 @@ def _train_layers(recipe: Recipe, collected: list[int], num_layers: int) -> list
     return sorted(set(t.layers))
 
 
-def _warnings(recipe: Recipe, p: Plan) -> list[str]:
+def _warnings(recipe: Recipe, p: PipelinePlan) -> list[str]:
     out = []
     need = p.train_tokens + p.holdout_tokens
     if need > p.max_kept_tokens:
@@ -256,7 +260,7 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def render(p: Plan) -> str:
+def render(p: PipelinePlan) -> str:
     """The plan as text for the terminal (decimal units: 1 TB = 10^12 bytes)."""
     bound = "" if p.packing else " (at most: rows are not packed)"
     lines = [
@@ -270,8 +274,8 @@ def render(p: Plan) -> str:
         f"cache      {p.cache_dir}: {_bytes(p.cache_bytes)} ({p.cache_bytes:,} bytes"
         f"{f', {p.cache_bytes / 2**40:,.2f} TiB' if p.cache_bytes >= 2**40 else ''}) uncompressed, without HDF5 overhead",
         f"           per token per layer {p.bytes_per_token_per_layer:,} B activations ({p.d_model} x "
-        f"{DTYPE_BYTES[p.store_dtype]} B {p.store_dtype}) + {LAYER_META_BYTES} B (norm, drop_reason, kept); "
-        f"per token {TOKEN_META_BYTES} B (token_id, sequence, position, batch)",
+        f"{store_itemsize(p.store_dtype)} B {p.store_dtype}) + {LAYER_TOKEN_BYTES} B (norm, drop_reason, kept); "
+        f"per token {TOKEN_BYTES} B (token_id, sequence, position, batch)",
         f"           per layer {_bytes(p.cache_bytes_per_layer)}",
         f"train      {p.train_tokens:,} tokens / batch {p.train_batch_size:,} = {p.steps:,} steps per SAE "
         f"(rounded down; {p.train_tokens - p.steps * p.train_batch_size:,} tokens left over)",
