@@ -10,6 +10,7 @@
     workbench export RUN --to FMT --out DIR      every SAE of a training run, with a model card
     workbench convert SRC --to FMT --out DST     one SAE folder, dictionary_learning <-> SAELens, exactly
     workbench verify DIR [--cache CACHE]         each SAE against its reference library (separate process)
+    workbench features SAE --out DIR             each latent's top examples and sink report, as static HTML
 
 User errors (WorkbenchError, a command line argparse refuses included) print one line and exit 2;
 anything else keeps its traceback. Dotlist overrides may come anywhere after the command
@@ -249,6 +250,29 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                    help="max difference, relative to the magnitude of the terms each output sums (default: 1e-5)")
 
 
+def cmd_features(args: argparse.Namespace) -> int:
+    from workbench.config import load_recipe
+    from workbench.features import build_features
+
+    model = load_recipe(args.recipe).model if args.recipe is not None else None
+    results = build_features(args.sae, args.out, cache=args.cache, top=args.top, window=args.window, model=model,
+                             layer=args.layer)
+    for r in results:
+        print(f"{r.folder} -> {r.out}/index.html: {r.width} latents, {r.dead} never fire on the {r.kept_tokens:,} kept "
+              f"tokens, {r.flagged} flagged (max on the {r.sink_tokens:,} sink tokens above the kept max)")
+    return 0
+
+
+def _features_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sae", help="an SAE folder (either format), or a folder of them (train.out, an export)")
+    p.add_argument("--out", required=True, type=_text, help="folder for features.json and the HTML pages")
+    p.add_argument("--cache", type=_text, help="activation cache with the SAE's layer (default: the one it records)")
+    p.add_argument("--top", type=_positive_int, default=20, help="top activating tokens per latent (default: 20)")
+    p.add_argument("--window", type=_count, default=8, help="context tokens either side of an example (default: 8)")
+    p.add_argument("--recipe", type=_text, help="the recipe of the cache's model: adds output-token effects")
+    p.add_argument("--layer", type=_count, help="the cache layer, for an SAE that records none")
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache")
     p.add_argument("--top", type=_count, default=10, help="most frequent sink tokens to list")
@@ -268,6 +292,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
                _export_args),
     "convert": (cmd_convert, "convert one SAE folder between dictionary_learning and SAELens", _convert_args),
     "verify": (cmd_verify, "check SAE folders against their reference library", _verify_args),
+    "features": (cmd_features, "max-activating examples, statistics and sink report of every latent, as HTML",
+                 _features_args),
 }
 
 
