@@ -21,7 +21,7 @@ proves it against the reference to 1e-5 after 1200 steps):
 
 It differs from the reference only in how it computes: the kept entries are found without a full
 top-k and decoded sparsely, forward and backward (see `workbench.sae.sparse`), and under data parallelism
-the selection, the threshold and the dead counters come from the global batch (`Comm`).
+the selection, the threshold and the dead counters come from the global batch (`workbench.dist.Comm`).
 """
 
 from __future__ import annotations
