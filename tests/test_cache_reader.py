@@ -178,7 +178,7 @@ def test_prefetch_yields_the_same_items_and_reraises_errors():
 
 
 def test_cache_layout_is_plain_hdf5(caches):
-    """What the docstring of cache.py documents is what is on disk."""
+    """What the docstring of cache/layout.py documents is what is on disk."""
     import h5py
 
     with ActivationCache(caches["m10"]) as cache:

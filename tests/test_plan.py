@@ -89,7 +89,7 @@ def test_qwen3_32b_and_gemma_figures(no_model_access):
 
 
 def test_plan_cache_size_matches_what_collection_writes(tmp_path):
-    """The formula follows cache.py's layout: a real collection on the tiny model writes what it predicts."""
+    """The formula follows the cache layout (cache/layout.py): a real collection on the tiny model writes what it predicts."""
 
     from workbench.collect import collect
 
