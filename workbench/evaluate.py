@@ -42,8 +42,7 @@ from workbench.embedded import PREFIX
 from workbench.errors import WorkbenchError
 from workbench.files import read_json_object, write_json
 from workbench.formats.convert import find_sae_folders
-from workbench.formats.dictionary_learning import EVAL_FILE, EXTRA_SECTION, load_folder
-from workbench.inference import recorded_filter
+from workbench.formats.dictionary_learning import CONFIG_FILE, EVAL_FILE, EXTRA_SECTION, load_folder
 from workbench.model import (
     d_model_of,
     decoder_layers,
@@ -53,6 +52,7 @@ from workbench.model import (
     load_tokenizer,
     num_layers_of,
 )
+from workbench.provenance import Provenance, recorded_filter
 from workbench.sae import SAE
 from workbench.sink import DEFAULT_SINK_MULTIPLE, first_token_mask, keep_mask, sink_filter
 
@@ -253,7 +253,7 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
     batches = list(iter_batches(heldout_rows(recipe, tokenizer), recipe.eval.batch_size, tokenizer.pad_token_id))
     out = {}
     for folder, sae, config in loaded:
-        settings = recorded_filter(config.get(EXTRA_SECTION) or {}, recipe.collect)
+        settings = recorded_filter(Provenance.from_dict(config.get(EXTRA_SECTION), str(folder / CONFIG_FILE)), recipe.collect)
         results = evaluate_with_model(model, tokenizer, sae, int(config["trainer"]["layer"]), batches,
                                       sink_multiple=settings["sink_multiple"], drop_first_token=settings["drop_first_token"],
                                       splice_all=recipe.eval.splice_all, sink_median=settings["sink_median"])

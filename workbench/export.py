@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.cache.layout import manifest_path
@@ -29,36 +28,15 @@ from workbench.files import write_atomic, write_text
 from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
 from workbench.formats.convert import find_sae_folders
-from workbench.formats.output import write_output
+from workbench.formats.output import is_current, write_output
 from workbench.formats.weights import hook_name
-from workbench.model_card import render_model_card
+from workbench.model_card import ExportedSAE, render_model_card
 from workbench.sae.registry import BY_DICT_CLASS, MATRYOSHKA
 
 TARGETS = ("dictionary_learning", "saelens")
 CARD_FILE = "README.md"
 DL_FILES = (dl.AE_FILE, dl.CONFIG_FILE, dl.EVAL_FILE)  # what a published dictionary_learning series folder holds
 COPY_CHUNK = 16 << 20
-
-
-@dataclass
-class ExportedSAE:
-    """One exported SAE, with what the model card shows."""
-
-    source: Path
-    folder: Path  # where it was written
-    sae_id: str  # its path inside the export folder
-    name: str
-    layer: int | None
-    dict_class: str
-    width: int
-    k: int | None
-    group_sizes: list[int] | None
-    threshold: float | None
-    threshold_method: str | None
-    l0: float | None
-    fve: float | None
-    frac_recovered: float | None = None  # from `workbench eval` (the model's loss with the SAE spliced in)
-    kl_div: float | None = None
 
 
 def find_run_saes(run_dir: str | Path) -> list[Path]:
@@ -117,8 +95,17 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
                                     threshold=s["threshold"], threshold_method=s["threshold_method"],
                                     l0=s["l0"], fve=s["fve"], frac_recovered=s["frac_recovered"],
                                     kl_div=s["kl_div"]))
-    card = render_model_card(exported, to, series, dl.read_config(folders[0]))
+    first = sources[0]["weights"].info
+    card = render_model_card(exported, to, series, first.model_name, first.provenance)
     return write_output(out, run_dir, "export", to, files, lambda: _write_all(exported, sources, to, out, card))
+
+
+def is_exported(run_dir: str | Path, to: str, out: str | Path) -> bool:
+    """Whether `out` holds the current export of the run in format `to` (formats.output.is_current: every
+    file there, written after the run's SAE files last changed)."""
+    inputs = [folder / name for folder in find_run_saes(run_dir)
+              for name in (*DL_FILES, dl.SPARSITY_FILE) if (folder / name).is_file()]
+    return bool(inputs) and is_current(Path(out), Path(run_dir), "export", to, inputs)
 
 
 def _write_all(exported: list[ExportedSAE], sources: list[dict], to: str, out: Path, card: str) -> list[ExportedSAE]:
@@ -130,7 +117,8 @@ def _write_all(exported: list[ExportedSAE], sources: list[dict], to: str, out: P
         else:
             weights = s["weights"]
             if weights.info.prepend_bos is None:
-                weights.info.prepend_bos = _prepend_bos(weights.info.workbench.get("cache"))
+                provenance = weights.info.provenance
+                weights.info.prepend_bos = _prepend_bos(provenance.cache if provenance is not None else None)
             saelens.write_weights(weights, e.folder)
     write_text(out / CARD_FILE, card)
     return exported
@@ -155,16 +143,11 @@ def _describe(folder: Path) -> dict:
     # Only the BatchTopK classes have a scalar JumpReLU threshold, -1 until calibrated.
     threshold = weights.constant_threshold() if trainer["dict_class"] in BY_DICT_CLASS else None
     evals = weights.info.eval_results or {}
-    extra = config.get(dl.EXTRA_SECTION) or {}
-    multiple = extra.get("sink_multiple")
-    if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int | float)):
-        raise WorkbenchError(f"{folder / dl.CONFIG_FILE}: workbench.sink_multiple is {multiple!r}, not a number (the "
-                             "model card states the sink filter); fix it and export again")
-    history = extra.get("threshold") if isinstance(extra.get("threshold"), dict) else {}
+    history = weights.info.provenance.threshold if weights.info.provenance is not None else None
     return {"weights": weights, "layer": trainer.get("layer"), "model": trainer.get("lm_name"),
             "dict_class": trainer["dict_class"], "width": weights.dict_size, "k": weights.k,
             "group_sizes": weights.group_sizes, "threshold": threshold,
-            "threshold_method": history.get("method", "ema" if threshold is not None and threshold >= 0 else None),
+            "threshold_method": history.method if history is not None else "ema" if threshold is not None and threshold >= 0 else None,
             "l0": evals.get("l0"), "fve": evals.get("frac_variance_explained"),
             "frac_recovered": evals.get("frac_recovered"), "kl_div": evals.get("kl_div")}
 

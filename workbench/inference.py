@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from workbench.config import CollectConfig
+from workbench.provenance import recorded_filter
 from workbench.sink import DEFAULT_SINK_MULTIPLE, keep_mask, sink_filter
 
 
@@ -40,20 +41,10 @@ def encode_filtered(sae: torch.nn.Module, resid_BLD: torch.Tensor, multiple: flo
     return f_BLF, keep_BL
 
 
-def recorded_filter(extra: dict, fallback: CollectConfig) -> dict:
-    """The sink-filter settings an SAE's workbench section (config.json `workbench`, SAELens
-    metadata.workbench) records it was trained under: sink_multiple, drop_first_token and sink_median, each
-    else `fallback`'s (a recipe's collect section); and filter_source, "sae config" or "recipe"."""
-    source = "sae config" if "sink_multiple" in extra else "recipe"
-    return {"sink_multiple": extra.get("sink_multiple", fallback.sink_multiple),
-            "drop_first_token": extra.get("drop_first_token", fallback.drop_first_token),
-            "sink_median": extra.get("sink_median", fallback.sink_median), "filter_source": source}
-
-
 def filter_settings(folder: str | Path) -> dict:
     """The filter an SAE folder (either format) records it was trained with, as encode_filtered's
     keyword arguments: {"multiple", "median_over"}. An SAE that records nothing gets the defaults."""
     from workbench.formats.convert import read_weights
 
-    settings = recorded_filter(read_weights(folder).info.workbench, CollectConfig())
+    settings = recorded_filter(read_weights(folder).info.provenance, CollectConfig())
     return {"multiple": settings["sink_multiple"], "median_over": settings["sink_median"]}

@@ -8,7 +8,7 @@
               (ae.pt, config.json, eval_results.json, metrics.jsonl, training_curves.png)
 """
 
-from workbench.training.loop import layer_dir, read_metrics, train
+from workbench.training.loop import is_trained, layer_dir, read_metrics, train
 from workbench.training.step import Trainer, auto_lr
 
-__all__ = ["Trainer", "auto_lr", "layer_dir", "read_metrics", "train"]
+__all__ = ["Trainer", "auto_lr", "is_trained", "layer_dir", "read_metrics", "train"]

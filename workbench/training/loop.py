@@ -54,6 +54,7 @@ from workbench.formats import dictionary_learning as dl_format
 from workbench.formats import saelens
 from workbench.formats.convert import load_trainable
 from workbench.metrics import evaluate_sae
+from workbench.provenance import Provenance
 from workbench.sae import SAE
 from workbench.sae.registry import ARCHITECTURES
 from workbench.training.step import Trainer
@@ -98,6 +99,19 @@ def train(recipe: Recipe) -> list[Path]:
             return [folder for layer in layers for folder in train_layer(recipe, acc, cache, layer, plans[layer])]
 
 
+def is_trained(recipe: Recipe) -> bool:
+    """Whether every SAE of train.saes is finished, for this recipe, on every layer it trains: the
+    pipeline's check, from the SAE folders themselves (a deleted or unreadable one is not finished)."""
+    t = recipe.train
+    try:
+        with ActivationCache(t.cache or recipe.collect.out) as cache:
+            layers = t.layers if t.layers is not None else cache.layers
+            plans = {layer: plan_layer(recipe, cache, layer) for layer in layers}
+    except WorkbenchError:
+        return False  # train itself says what is wrong
+    return all(_is_complete(layer_dir(t.out, layer) / cfg.name, plans[layer], t) for layer in layers for cfg in t.saes)
+
+
 @contextmanager
 def _lock_out(acc, out: str) -> Iterator[None]:
     """train.out for one `workbench train` at a time. The processes of one `accelerate launch` are one
@@ -117,10 +131,10 @@ def _check_out(t: TrainConfig, plans: dict[int, LayerPlan]) -> None:
         for cfg in t.saes:
             folder = layer_dir(t.out, layer) / cfg.name
             config = _finished_config(folder)
-            if config is not None and _fingerprint_of(config) != plan.fingerprint:
+            if config is not None and _fingerprint_of(config, folder) != plan.fingerprint:
                 trainer = config["trainer"] if isinstance(config.get("trainer"), dict) else {}
-                extra = config[dl_format.EXTRA_SECTION] if isinstance(config.get(dl_format.EXTRA_SECTION), dict) else {}
-                found = {"arch": extra.get("arch"), "width": trainer.get("dict_size"), "k": trainer.get("k"),
+                provenance = _provenance_of(config, folder)
+                found = {"arch": provenance.arch if provenance is not None else None, "width": trainer.get("dict_size"), "k": trainer.get("k"),
                          "steps": trainer.get("steps")}
                 wanted = {"arch": cfg.arch, "width": cfg.width, "k": cfg.k, "steps": plan.steps}
                 diffs = ", ".join(f"{key} {found[key]} there, {wanted[key]} here" for key in found if found[key] != wanted[key])
@@ -394,20 +408,18 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
     buffer_cfg = dl_format.buffer_section(
         cache.d_model, ctx_len=m["recipe"]["data"]["context_length"], n_ctxs=m["summary"]["sequences"],
         refresh_batch_size=m["recipe"]["collect"]["batch_size"], out_batch_size=t.batch_size, device=device)
-    workbench = {
-        "arch": cfg.arch, "model": model_name, "dataset": m["recipe"]["data"]["path"], "layer": layer,
-        "sink_multiple": cache.sink_multiple, "sink_median": m["recipe"]["collect"]["sink_median"],
-        "drop_first_token": cache.drop_first_token,
-        "normalize_activations": t.normalize_activations, "norm_factor": norm_factor,
-        "k_anneal_steps": trainer.k_anneal_steps,
-        "cache": str(cache.root.resolve()), "cache_fingerprint": m["fingerprint"],
-        "holdout_fraction": plan.holdout_fraction, "eval_tokens": t.eval_tokens,
-        "tokens_trained": plan.steps * t.batch_size, "steps": plan.steps, "batch_size": t.batch_size,
-        "data_lanes": t.data_lanes, "dead_feature_threshold": t.dead_feature_threshold,
-        "autocast_dtype": t.autocast_dtype, "init_from": t.init_from, "train_fingerprint": plan.fingerprint,
-        "version": 1,
-    }
-    return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: workbench}
+    provenance = Provenance(
+        arch=cfg.arch, model=model_name, dataset=m["recipe"]["data"]["path"], layer=layer,
+        sink_multiple=cache.sink_multiple, sink_median=m["recipe"]["collect"]["sink_median"],
+        drop_first_token=cache.drop_first_token,
+        normalize_activations=t.normalize_activations, norm_factor=norm_factor,
+        k_anneal_steps=trainer.k_anneal_steps,
+        cache=str(cache.root.resolve()), cache_fingerprint=m["fingerprint"],
+        holdout_fraction=plan.holdout_fraction, eval_tokens=t.eval_tokens,
+        tokens_trained=plan.steps * t.batch_size, steps=plan.steps, batch_size=t.batch_size,
+        data_lanes=t.data_lanes, dead_feature_threshold=t.dead_feature_threshold,
+        autocast_dtype=t.autocast_dtype, init_from=t.init_from, train_fingerprint=plan.fingerprint)
+    return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: provenance.to_dict()}
 
 
 def _finished_config(folder: Path) -> dict | None:
@@ -417,17 +429,28 @@ def _finished_config(folder: Path) -> dict | None:
     return config if config is not None and (folder / dl_format.AE_FILE).is_file() else None
 
 
-def _fingerprint_of(config: dict) -> str:
+def _provenance_of(config: dict, folder: Path) -> Provenance | None:
+    return Provenance.from_dict(config.get(dl_format.EXTRA_SECTION), str(folder / dl_format.CONFIG_FILE))
+
+
+def _fingerprint_of(config: dict, folder: Path) -> str:
     """The train fingerprint a config.json records ("" for an SAE the workbench did not train)."""
-    extra = config.get(dl_format.EXTRA_SECTION)
-    return str(extra.get("train_fingerprint") or "") if isinstance(extra, dict) else ""
+    provenance = _provenance_of(config, folder)
+    return (provenance.train_fingerprint or "") if provenance is not None else ""
 
 
 def _is_complete(folder: Path, plan: LayerPlan, t: TrainConfig) -> bool:
-    """A finished SAE of this very plan: its files are there and its config names the plan."""
+    """A finished SAE of this very plan: its files are there, its config names the plan and its ae.pt
+    opens (a truncated or damaged one is trained again)."""
     needed = [dl_format.AE_FILE, dl_format.CONFIG_FILE] + ([dl_format.EVAL_FILE] if t.eval_tokens > 0 else [])
     config = _finished_config(folder) if all((folder / name).is_file() for name in needed) else None
-    return config is not None and _fingerprint_of(config) == plan.fingerprint
+    if config is None or _fingerprint_of(config, folder) != plan.fingerprint:
+        return False
+    try:
+        dl_format.load_state_dict(folder / dl_format.AE_FILE, mmap=True)  # maps the tensors, reads none
+    except WorkbenchError:
+        return False
+    return True
 
 
 def _write_checkpoint(acc, path: Path, plan: LayerPlan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
