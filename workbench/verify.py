@@ -106,7 +106,7 @@ def run_reference(fmt: str, folders: list[Path], inputs: list[dict[str, torch.Te
             jobs.append(job)
         jobs_path = Path(tmp) / "jobs.json"
         jobs_path.write_text(json.dumps(jobs))
-        cmd = [sys.executable, "-m", "workbench.reference_scripts.reference_outputs", fmt, str(jobs_path)]
+        cmd = [sys.executable, "-m", "workbench.verify_reference", fmt, str(jobs_path)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         failed = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         results: list[dict[str, torch.Tensor] | str] = []

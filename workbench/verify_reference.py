@@ -1,6 +1,9 @@
-"""Outputs of SAEs as their reference library loads and runs them (a separate process; see the package).
+"""Outputs of SAEs as their reference library loads and runs them: `workbench verify`'s other side.
 
-    python -m workbench.reference_scripts.reference_outputs {dictionary_learning|saelens} JOBS.json
+    python -m workbench.verify_reference {dictionary_learning|saelens} JOBS.json
+
+Run it with `python -m`, never import it: importing dictionary_learning imports nnsight, which patches
+torch globally, and SAELens is heavy, so the workbench's own process imports neither.
 
 JOBS.json is a list of {"folder", "inputs", "outputs"}. inputs (safetensors): x [N, D] activations and
 f [N, F] latents. outputs (safetensors): encode = sae.encode(x), decode = sae.decode(f), forward = sae(x),
