@@ -78,7 +78,7 @@ SCHEMA_VERSION = 1
 BINS_PER_OCTAVE = 4
 LOG2_RANGE = (-20, 20)  # histogram range in octaves: edges 2^-20 .. 2^20, out-of-range values in the end bins
 NUM_BINS = (LOG2_RANGE[1] - LOG2_RANGE[0]) * BINS_PER_OCTAVE
-BATCH_BYTES = 64 << 20  # rows a batch: about this many bytes of latents [B, F] float32
+BATCH_BYTES = 16 << 20  # rows a batch: about this many bytes of latents [B, F] float32 (the encode makes ~5 such)
 MAX_BATCH = 4096
 WINDOW_BYTES = 32 << 20  # the cache reader's window (its default, 256 MiB, is for shuffled training reads)
 SINK_TOKENS_LISTED = 10
@@ -137,7 +137,8 @@ class _Rows:
 
     def __init__(self, cache: ActivationCache, layer: int, refilter: float | None):
         self.parts = self._shards(cache, layer, refilter)
-        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.part: tuple[np.ndarray, ...] = (np.zeros(0, np.int64),) * 3
+        self.at = 0  # rows of self.part already taken
         self.first_tokens_skipped = 0
 
     def _shards(self, cache: ActivationCache, layer: int, refilter: float | None) -> Iterator[tuple[np.ndarray, ...]]:
@@ -149,18 +150,20 @@ class _Rows:
             rows = np.flatnonzero(read)
             yield rows + offsets[shard], keep[rows], cache.read_vector(shard, "tokens/token_id")[rows]
 
-    def take(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        have = sum(len(p[0]) for p in self.pending)
-        while have < n:
-            part = next(self.parts)
-            self.pending.append(part)
-            have += len(part[0])
-        out = tuple(np.concatenate([p[i] for p in self.pending]) for i in range(3))
-        self.pending = [tuple(a[n:] for a in out)] if have > n else []
-        return tuple(a[:n] for a in out)
+    def take(self, n: int) -> tuple[np.ndarray, ...]:
+        """The next n rows' (global row, kept, token id)."""
+        pieces = []
+        while n > 0:
+            if self.at == len(self.part[0]):
+                self.part, self.at = next(self.parts), 0
+                continue
+            k = min(n, len(self.part[0]) - self.at)
+            pieces.append(tuple(a[self.at: self.at + k] for a in self.part))
+            self.at, n = self.at + k, n - k
+        return tuple(np.concatenate([p[i] for p in pieces]) for i in range(3))
 
     def finished(self) -> bool:
-        return not self.pending and next(self.parts, None) is None
+        return self.at == len(self.part[0]) and all(len(part[0]) == 0 for part in self.parts)
 
 
 def all_but_first_tokens(cache: ActivationCache, layer: int, batch_size: int) -> Iterator[torch.Tensor]:
