@@ -451,3 +451,19 @@ def _finalize(manifest: Manifest, num_batches: int, shard_batches: int, done_bef
     if num_batches == 0:
         raise WorkbenchError("the data gave no rows; check data.path")
     return manifest.finalise(math.ceil(num_batches / shard_batches), done_before)
+
+
+def is_collected(recipe: Recipe) -> bool:
+    """Whether collect.out holds this recipe's complete cache: the pipeline's check, from the cache's own
+    files (its manifest, and every shard there, whole, at its recorded size). A deleted or truncated
+    shard makes it unfinished, so the collect stage redoes it; the checksums are `inspect --verify`'s."""
+    out = Path(recipe.collect.out)
+    try:
+        manifest = Manifest.read(out)
+    except WorkbenchError:
+        return False  # collect itself says what is wrong
+    if manifest is None or not manifest.is_cache or not manifest.complete:
+        return False
+    if manifest.data.get("fingerprint") != fingerprint(cache_identity(recipe)):
+        return False
+    return all(shard_is_complete(out / s["file"], s.get("bytes")) for s in manifest.data["shards"])

@@ -1,9 +1,21 @@
 """`workbench run RECIPE`: collect -> train -> threshold -> eval -> export (+ model card) -> verify.
 
-Every stage is safe to run again: collection and training resume from their own shards and checkpoints,
-the threshold stage skips SAEs already calibrated with the recipe's method, evaluation and export are
-deterministic re-computations. `<train.out>/pipeline.json` records which stages finished for this recipe,
-so re-running after a failure or a kill at any point continues with the first unfinished stage.
+Each stage answers "am I done for this recipe?" from its own files, so a deleted or damaged output is
+redone and nothing finished is redone:
+
+    collect    the cache's manifest is complete for this recipe and every shard is there, whole
+    train      every SAE folder of train.saes is finished for its plan (config.json names it, ae.pt opens)
+    threshold  every SAE is calibrated with threshold.method (config.json's workbench.threshold)
+    eval       every SAE's eval_results.json holds `workbench eval`'s keys, and no threshold changed in this run
+    export     each format's export folder lists every file it wrote, all there, newer than the SAEs
+    verify     the log records a verification of the export folders as they are now
+
+Collection and training resume from their own shards and checkpoints. `<train.out>/pipeline.json` is a
+log of what each stage did (and, for verify, of what it checked); deleting it loses nothing.
+
+Under several processes (`accelerate launch`), collection and training run on every process; the per-SAE
+stages run on the main process, which tells the others whether each stage is done and how it ended, so a
+failure there ends every process with the same error instead of leaving them waiting at a barrier.
 """
 
 from __future__ import annotations
@@ -28,10 +40,10 @@ def _recipe_id(recipe: Recipe) -> str:
     return fingerprint({name: to_dict(getattr(recipe, name)) for name in ("model", "data", "collect", "train", "threshold", "export", "eval")})
 
 
-def read_state(recipe: Recipe) -> dict:
-    """The finished stages of this recipe's pipeline ({} when none, or when the recipe changed)."""
+def read_log(recipe: Recipe) -> dict:
+    """The log's stage entries for this recipe ({} when none, or when the recipe changed)."""
     path = _state_path(recipe)
-    fix = "delete it (every stage then checks its own outputs again, and skips what is done)"
+    fix = "delete it (it is a log: every stage checks its own outputs)"
     state = read_json_object(path, fix=fix) or {}
     stages = state.get("stages", {}) if state.get("recipe") == _recipe_id(recipe) else {}
     if not isinstance(stages, dict) or not all(isinstance(v, dict) and "finished" in v for v in stages.values()):
@@ -39,9 +51,9 @@ def read_state(recipe: Recipe) -> dict:
     return stages
 
 
-def _mark_done(recipe: Recipe, stage: str, done: dict, info: dict) -> None:
-    done[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    write_json(_state_path(recipe), {"recipe": _recipe_id(recipe), "stages": done})
+def _log(recipe: Recipe, stage: str, log: dict, info: dict) -> None:
+    log[stage] = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+    write_json(_state_path(recipe), {"recipe": _recipe_id(recipe), "stages": log})
 
 
 def export_root(recipe: Recipe, fmt: str) -> Path:
@@ -71,13 +83,15 @@ def stage_threshold(recipe: Recipe, recipe_path: str, overrides: list[str]) -> d
     from workbench.threshold import calibrate, calibrated_method, render
 
     method = recipe.threshold.method
+    calibrated = []
     for folder in _sae_folders(recipe):
         if calibrated_method(folder) == method:
             continue
         print(render(calibrate(folder, cache=recipe.train.cache or recipe.collect.out, method=method,
                                batch_size=recipe.threshold.batch_size, num_tokens=recipe.threshold.num_tokens,
                                device=recipe.collect.device)))
-    return {"method": method}
+        calibrated.append(str(folder))
+    return {"method": method, "calibrated": calibrated}
 
 
 def stage_eval(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dict:
@@ -113,7 +127,7 @@ def stage_verify(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dict
             raise WorkbenchError(f"verification of {root} failed (see the table above); the exported SAEs do not "
                                  "match their reference library")
         report[fmt] = len(checks)
-    return {"verified": report}
+    return {"verified": report, "exports": _export_stamps(recipe)}
 
 
 RUNNERS: dict[str, Callable[[Recipe, str, list[str]], dict]] = {
@@ -122,32 +136,131 @@ RUNNERS: dict[str, Callable[[Recipe, str, list[str]], dict]] = {
 }
 
 
+def _export_stamps(recipe: Recipe) -> dict[str, int | None]:
+    """Each export folder's marker mtime: what a verification checked."""
+    from workbench.formats.output import MARKER
+
+    stamps = {}
+    for fmt in recipe.export.formats:
+        marker = export_root(recipe, fmt) / MARKER
+        stamps[fmt] = marker.stat().st_mtime_ns if marker.is_file() else None
+    return stamps
+
+
+def _every_sae(recipe: Recipe, finished: Callable[[Path], bool]) -> bool:
+    try:
+        folders = _sae_folders(recipe)
+    except WorkbenchError:
+        return False
+    return bool(folders) and all(finished(folder) for folder in folders)
+
+
+def _calibrated(recipe: Recipe, folder: Path) -> bool:
+    from workbench.threshold import calibrated_method
+
+    try:
+        return calibrated_method(folder) == recipe.threshold.method
+    except WorkbenchError:
+        return False
+
+
+def _evaluated(folder: Path) -> bool:
+    from workbench.formats.dictionary_learning import EVAL_FILE
+
+    try:
+        results = read_json_object(folder / EVAL_FILE) or {}
+    except WorkbenchError:
+        return False
+    return all(key in results for key in LM_KEYS)
+
+
+LM_KEYS = ("frac_recovered", "kl_div")  # what `workbench eval` adds to eval_results.json
+
+
+def is_done(stage: str, recipe: Recipe, ran: dict[str, dict], log: dict) -> bool:
+    """Whether `stage` is finished for this recipe, from its own files (see the module docstring).
+    ran: the stages this run has run so far, with what they returned; log: pipeline.json's entries."""
+    if stage == "collect":
+        from workbench.collect import is_collected
+
+        return is_collected(recipe)
+    if stage == "train":
+        from workbench.collect import is_collected
+        from workbench.training import is_trained
+
+        return is_collected(recipe) and is_trained(recipe)
+    if stage == "threshold":
+        return _every_sae(recipe, lambda folder: _calibrated(recipe, folder))
+    if stage == "eval":
+        return not ran.get("threshold", {}).get("calibrated") and _every_sae(recipe, _evaluated)
+    if stage == "export":
+        from workbench.export import is_exported
+
+        return all(is_exported(recipe.train.out, fmt, export_root(recipe, fmt)) for fmt in recipe.export.formats)
+    return "export" not in ran and "verify" in log and log["verify"].get("exports") == _export_stamps(recipe)
+
+
 def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the pipeline's stages in order, skipping those this recipe already finished."""
+    """Run the pipeline's stages in order, skipping those already done for this recipe. Returns the log."""
     from workbench.dist import process_state
 
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise WorkbenchError(f"unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}")
     state = process_state(cpu=recipe.collect.device == "cpu")
-    done = read_state(recipe)
+    log = read_log(recipe) if state.is_main_process else {}
+    ran: dict[str, dict] = {}
     for stage in STAGES:
         if stage not in stages:
             continue
-        if stage in done:
+        # The main process decides, so that every process takes the same branch.
+        done = _from_main(state, lambda stage=stage: is_done(stage, recipe, ran, log))
+        if done:
             if state.is_main_process:
-                print(f"[{stage}] already done ({done[stage]['finished']}), skipped")
+                when = f"logged {log[stage]['finished']}" if stage in log else "found from its files"
+                print(f"[{stage}] already done ({when}), skipped")
             continue
         if state.is_main_process:
             print(f"[{stage}] ...", flush=True)
-        # Collection and training run on every process; the per-SAE stages run on the main one.
-        if stage in ("collect", "train"):
+        if stage in ("collect", "train"):  # on every process
             info = RUNNERS[stage](recipe, recipe_path, overrides)
-        elif state.is_main_process:
-            info = RUNNERS[stage](recipe, recipe_path, overrides)
-        else:
-            info = {}
-        state.wait_for_everyone()
+            state.wait_for_everyone()
+        else:  # on the main process; the others learn how it ended
+            info = _on_main(state, stage, lambda stage=stage: RUNNERS[stage](recipe, recipe_path, overrides))
+        ran[stage] = info
         if state.is_main_process:
-            _mark_done(recipe, stage, done, info)
-    return done
+            _log(recipe, stage, log, info)
+    return log
+
+
+def _from_main(state, decide: Callable[[], bool]) -> bool:
+    """decide() on the main process, its answer on every process."""
+    answer = decide() if state.is_main_process else None
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        answer = broadcast_object_list([answer], from_process=0)[0]
+    return bool(answer)
+
+
+def _on_main(state, stage: str, work: Callable[[], dict]) -> dict:
+    """work() on the main process. Every process returns when it ends; when it fails, every process
+    raises: the main one its own error, the others a WorkbenchError with the same message."""
+    outcome: list = [None]
+    error: BaseException | None = None
+    if state.is_main_process:
+        try:
+            outcome = [{"ok": work()}]
+        except BaseException as err:  # noqa: BLE001 - passed on to the other processes, then raised again
+            error = err
+            text = str(err) if isinstance(err, WorkbenchError) else f"{type(err).__name__}: {err}"
+            outcome = [{"error": text}]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list(outcome, from_process=0)
+    if error is not None:
+        raise error
+    if "error" in outcome[0]:
+        raise WorkbenchError(f"the main process failed in the {stage} stage: {outcome[0]['error']}")
+    return outcome[0]["ok"]

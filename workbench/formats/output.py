@@ -91,3 +91,20 @@ def _remove(out: Path, name: str) -> None:
     while parent != out and parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
+
+
+def is_current(out: Path, source: Path, command: str, fmt: str, inputs: list[Path]) -> bool:
+    """Whether `out` holds the complete output of this command from `source` in `fmt`, with every file
+    its marker lists present, written after each of `inputs` last changed (the pipeline's check: a
+    deleted output file, or a source SAE changed since, makes it stale)."""
+    identity = {"command": command, "source": str(Path(source).resolve()), "format": fmt}
+    try:
+        marker = read_json(out / MARKER)
+    except WorkbenchError:
+        return False  # the command itself says what is wrong
+    if not _valid(marker) or not marker.get("complete") or {key: marker[key] for key in identity} != identity:
+        return False
+    if not all((out / name).is_file() for name in marker["files"]):
+        return False
+    written = (out / MARKER).stat().st_mtime_ns
+    return all(path.stat().st_mtime_ns <= written for path in inputs)
