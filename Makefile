@@ -10,7 +10,7 @@ TOOLS := .venv-tools
 UV := $(TOOLS)/bin/uv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint venv lock clean-demo
+.PHONY: demo test test-all bench lint venv lock clean-demo browser
 
 venv: $(STAMP)
 
@@ -31,17 +31,24 @@ lock: $(UV)
 demo: $(STAMP)
 	$(BIN)/workbench run recipes/demo.yaml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+# The browser tests of the feature pages open them in headless Chromium, from Debian's package.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-test-all: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25
+
+test-all: $(STAMP) browser
+	$(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python bench/collect_bench.py
 	$(BIN)/python bench/reader_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/convert_bench.py
+	$(BIN)/python bench/features_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check workbench tests bench
