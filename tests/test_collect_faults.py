@@ -270,7 +270,7 @@ print(json.dumps({"seconds": time.perf_counter() - start, "rows": rows,
 """
 
 
-@pytest.mark.parametrize("packing", ["packed", "padded"])
+@pytest.mark.parametrize("packing", ["packed", pytest.param("padded", marks=pytest.mark.slow)])
 def test_a_20_mb_single_line_document_gives_its_first_rows_fast_and_in_flat_memory(tmp_path, packing):
     """Tokenising it whole took about 140 MiB and 2.2 s per MB of text here (a 5 MB line: 669 MiB, 11.3 s)."""
     resolve_model_path("embedded:tiny-qwen3")
@@ -320,6 +320,7 @@ def test_pieces_give_the_tokens_of_the_whole_document(monkeypatch, tmp_path, arc
                                             for d in iter_documents(padded)]
 
 
+@pytest.mark.slow  # one process redoing a corrupt shard is test_cache_faults.py's fast proof
 def test_two_processes_redo_a_corrupt_shard_of_a_complete_cache(tmp_path, reference):
     """Under `accelerate launch` each process verifies its own shards, all learn the whole list, the
     main process (the only one holding the folder's lock) reopens the cache and the owner redoes it."""

@@ -93,7 +93,8 @@ def test_dry_run_prints_the_plan_without_running(tmp_path):
     assert not (tmp_path / "cache").exists() and not (tmp_path / "saes").exists()
 
 
-@pytest.mark.parametrize("kill_after", ["collect", "threshold"])
+# Killing inside train (after collect) is the fast proof; inside eval (after threshold) runs in the slow suite.
+@pytest.mark.parametrize("kill_after", ["collect", pytest.param("threshold", marks=pytest.mark.slow)])
 def test_kill_9_at_a_stage_then_rerun_finishes_without_redoing_finished_stages(tmp_path, kill_after):
     """Kill the pipeline as soon as `kill_after` is recorded done (so inside the next stage), run the same
     command again: it finishes, and the finished stages are skipped (their files untouched)."""
