@@ -17,12 +17,11 @@ see formats/output.py), so an export folder never mixes two runs.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
-from workbench.cache.layout import manifest_path
+from workbench.cache.layout import Manifest
 from workbench.errors import WorkbenchError
 from workbench.files import write_atomic, write_text
 from workbench.formats import dictionary_learning as dl
@@ -175,6 +174,7 @@ def _prepend_bos(cache: str | None) -> bool | None:
     if not cache:
         return None
     try:
-        return json.loads(manifest_path(cache).read_text()).get("bos_token_id") is not None
-    except (OSError, json.JSONDecodeError):
+        manifest = Manifest.read(Path(cache))
+    except WorkbenchError:
         return None
+    return None if manifest is None else manifest.data.get("bos_token_id") is not None

@@ -69,8 +69,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], resume: str | None = None) -> None:
-    """Write `path` through `write(fh)` on a binary file handle, atomically (see the module docstring)."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], resume: str | None = None,
+                 durable: bool = True) -> None:
+    """Write `path` through `write(fh)` on a binary file handle, atomically (see the module docstring).
+    durable=False skips the two fsyncs: still never half a file under its name, but a power cut may lose
+    it. Only for files a re-run rebuilds cheaply and that are written by the thousand (feature pages)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     fh: _Recording | None = None
@@ -80,7 +83,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], resume: str
             fh = _Recording(raw)
             write(fh)
             raw.flush()
-            os.fsync(raw.fileno())
+            if durable:
+                os.fsync(raw.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as err:
         try:
@@ -91,7 +95,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], Any], resume: str
         if isinstance(cause, RuntimeError) and not _is_write_failure(cause):
             raise
         raise write_error(path, cause, resume) from None
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 class _Recording:
@@ -118,8 +123,8 @@ def _is_write_failure(err: RuntimeError) -> bool:
     return any(s in text for s in ("No space left", "file write failed", "PytorchStreamWriter", "unexpected pos"))
 
 
-def write_text(path: str | Path, text: str, resume: str | None = None) -> None:
-    write_atomic(path, lambda fh: fh.write(text.encode()), resume)
+def write_text(path: str | Path, text: str, resume: str | None = None, durable: bool = True) -> None:
+    write_atomic(path, lambda fh: fh.write(text.encode()), resume, durable)
 
 
 def write_json(path: str | Path, data: Any, indent: int = 2, resume: str | None = None) -> None:
