@@ -26,7 +26,7 @@ SMALL = [
 
 def run_args(out: Path) -> list[str]:
     return [sys.executable, "-m", "workbench", "run", "recipes/demo.yaml", *SMALL, f"collect.out={out}/cache",
-            f"train.out={out}/saes", f"export.out={out}/export"]
+            f"train.out={out}/saes", f"export.out={out}/export", f"features.out={out}/features"]
 
 
 def env() -> dict[str, str]:

@@ -150,7 +150,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _recipe_args(p)
     p.add_argument("--dry-run", action="store_true", help="print what the recipe means (layers, tokens, disk, "
                                                           "steps, paths) without loading weights, and stop")
-    p.add_argument("--stages", type=_stages, help="comma-separated subset of collect,train,threshold,eval,export,verify")
+    p.add_argument("--stages", type=_stages, help="comma-separated subset of collect,train,threshold,eval,export,verify,features")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -284,7 +284,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     "collect": (cmd_collect, "collect resid_post activations into an HDF5 cache", _recipe_args),
     "train": (cmd_train, "train BatchTopK / Matryoshka SAEs from the cache (train section)", _recipe_args),
     "inspect": (cmd_inspect, "summarise a cache, with its sink statistics", _inspect_args),
-    "run": (cmd_run, "the whole pipeline: collect, train, threshold, eval, export, verify (resumable)", _run_args),
+    "run": (cmd_run, "the whole pipeline: collect, train, threshold, eval, export, verify, features (resumable)", _run_args),
     "plan": (cmd_plan, "what a recipe means, without loading weights (the dry run)", _recipe_args),
     "eval": (cmd_eval, "the model's loss with an SAE spliced in at its layer", _eval_args),
     "threshold": (cmd_threshold, "derive, compare and write the JumpReLU threshold of an SAE", _threshold_args),

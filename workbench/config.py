@@ -140,6 +140,16 @@ class ExportConfig:
 
 
 @dataclass
+class FeaturesConfig:
+    """`workbench features` in the pipeline: each SAE's max-activating examples and feature pages."""
+
+    out: str | None = None  # null: the pipeline makes no feature pages; else <out>/<layer folder>/<name>/index.html
+    top: int = 20  # examples per latent
+    window: int = 8  # context tokens either side of an example
+    effects: bool = True  # add each latent's output-token effects (loads the recipe's model)
+
+
+@dataclass
 class EvalConfig:
     num_tokens: int = 20_000  # held-out text tokens run through the model with the SAE spliced in
     batch_size: int = 8  # sequences per forward
@@ -161,6 +171,7 @@ class Recipe:
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -476,6 +487,9 @@ def validate(recipe: Recipe) -> None:
                              "'_' and '-', starting with a letter or digit; or null for the default")
     _positive("eval.num_tokens", recipe.eval.num_tokens)
     _positive("eval.batch_size", recipe.eval.batch_size)
+    _positive("features.top", recipe.features.top)
+    if type(recipe.features.window) is not int or recipe.features.window < 0:
+        raise WorkbenchError(f"features.window must be an integer >= 0 (got {recipe.features.window!r})")
 
 
 def _validate_train(t: TrainConfig) -> None:

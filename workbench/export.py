@@ -102,9 +102,14 @@ def export_run(run_dir: str | Path, to: str, out: str | Path, allow_uncalibrated
 def is_exported(run_dir: str | Path, to: str, out: str | Path) -> bool:
     """Whether `out` holds the current export of the run in format `to` (formats.output.is_current: every
     file there, written after the run's SAE files last changed)."""
-    inputs = [folder / name for folder in find_run_saes(run_dir)
-              for name in (*DL_FILES, dl.SPARSITY_FILE) if (folder / name).is_file()]
+    inputs = run_inputs(run_dir)
     return bool(inputs) and is_current(Path(out), Path(run_dir), "export", to, inputs)
+
+
+def run_inputs(run_dir: str | Path) -> list[Path]:
+    """The files of a run's SAEs that what is made from them (exports, feature pages) depends on."""
+    return [folder / name for folder in find_run_saes(run_dir)
+            for name in (*DL_FILES, dl.SPARSITY_FILE) if (folder / name).is_file()]
 
 
 def _write_all(exported: list[ExportedSAE], sources: list[dict], to: str, out: Path, card: str) -> list[ExportedSAE]:

@@ -9,6 +9,7 @@ redone and nothing finished is redone:
     eval       every SAE's eval_results.json holds `workbench eval`'s keys, and no threshold changed in this run
     export     each format's export folder lists every file it wrote, all there, newer than the SAEs
     verify     the log records a verification of the export folders as they are now
+    features   features.out lists every page it wrote, all there, newer than the SAEs (or features.out is null)
 
 Collection and training resume from their own shards and checkpoints. `<train.out>/pipeline.json` is a
 log of what each stage did (and, for verify, of what it checked); deleting it loses nothing.
@@ -29,7 +30,7 @@ from workbench.errors import WorkbenchError
 from workbench.files import read_json_object, write_json
 
 STATE_FILE = "pipeline.json"
-STAGES = ("collect", "train", "threshold", "eval", "export", "verify")
+STAGES = ("collect", "train", "threshold", "eval", "export", "verify", "features")
 
 
 def _state_path(recipe: Recipe) -> Path:
@@ -130,10 +131,28 @@ def stage_verify(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dict
     return {"verified": report, "exports": _export_stamps(recipe)}
 
 
+def stage_features(recipe: Recipe, recipe_path: str, overrides: list[str]) -> dict:
+    from workbench.features import build_features
+
+    f = recipe.features
+    results = build_features(recipe.train.out, out=f.out, cache=recipe.train.cache or recipe.collect.out, top=f.top,
+                             window=f.window, model=recipe.model if f.effects else None)
+    print(f"feature pages of {len(results)} SAEs: open {Path(f.out) / 'index.html'}")
+    return {"saes": len(results), "flagged": {str(r.folder): r.flagged for r in results}}
+
+
 RUNNERS: dict[str, Callable[[Recipe, str, list[str]], dict]] = {
     "collect": stage_collect, "train": stage_train, "threshold": stage_threshold,
-    "eval": stage_eval, "export": stage_export, "verify": stage_verify,
+    "eval": stage_eval, "export": stage_export, "verify": stage_verify, "features": stage_features,
 }
+
+
+def _features_current(recipe: Recipe) -> bool:
+    from workbench.export import run_inputs
+    from workbench.formats.output import is_current
+
+    inputs = run_inputs(recipe.train.out)
+    return bool(inputs) and is_current(Path(recipe.features.out), Path(recipe.train.out), "features", "html", inputs)
 
 
 def _export_stamps(recipe: Recipe) -> dict[str, int | None]:
@@ -197,6 +216,8 @@ def is_done(stage: str, recipe: Recipe, ran: dict[str, dict], log: dict) -> bool
         from workbench.export import is_exported
 
         return all(is_exported(recipe.train.out, fmt, export_root(recipe, fmt)) for fmt in recipe.export.formats)
+    if stage == "features":
+        return _features_current(recipe)
     return "export" not in ran and "verify" in log and log["verify"].get("exports") == _export_stamps(recipe)
 
 
@@ -212,6 +233,10 @@ def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[st
     ran: dict[str, dict] = {}
     for stage in STAGES:
         if stage not in stages:
+            continue
+        if stage == "features" and recipe.features.out is None:
+            if state.is_main_process:
+                print("[features] not asked for (features.out is null), skipped")
             continue
         # The main process decides, so that every process takes the same branch.
         done = _from_main(state, lambda stage=stage: is_done(stage, recipe, ran, log))
