@@ -91,13 +91,13 @@ def _damaged_shards(out: Path, manifest: Manifest, state) -> list[tuple[str, str
     matching their checksums. Every process reads its share (shard i on process i mod W, like the
     writing) and all get the whole list. A shard that is whole but disagrees with the manifest means
     the manifest was edited: that is one error naming manifest.json, and nothing is deleted."""
-    from tqdm.auto import tqdm
+    from workbench.progress import progress
 
     shards = manifest.data["shards"]
     mine = range(state.process_index, len(shards), state.num_processes)
     found = []
-    for index in tqdm(mine, desc="verify", unit="shard", disable=not state.is_main_process or len(mine) < 2,
-                      dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0, leave=False):
+    for index in progress(mine, desc="verify", unit="shard", disable=not state.is_main_process or len(mine) < 2,
+                          leave=False):
         check = verify_shard(out / shards[index]["file"], shards[index].get("bytes"), manifest.shard_expectations(index))
         if check.damaged or check.mismatch:
             found.append((shards[index]["file"], check.damaged, check.mismatch))
@@ -341,12 +341,11 @@ def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], la
     background thread and the writes behind in another, both overlapping the forward. check_interrupt
     runs before each batch: an interrupt or an error stops the loop there; both threads finish what
     they are doing and end, the shard being written is deleted and every finished shard is kept."""
-    from tqdm.auto import tqdm
+    from workbench.progress import progress
 
     c, ctx = recipe.collect, recipe.data.context_length
     out = Path(c.out)
-    bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="collect", disable=not show_progress,
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    bar = progress(total=total_tokens, unit="tok", unit_scale=True, desc="collect", disable=not show_progress)
     writes = _Writes()
     writer: ShardWriter | None = None
     stats: dict = {}

@@ -167,7 +167,7 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
 
 def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: LayerPlan) -> list[Path]:
     """Train all SAEs of one layer from one pass over its batches; resume from its checkpoint."""
-    from tqdm.auto import tqdm
+    from workbench.progress import progress
 
     t = recipe.train
     folders = [layer_dir(t.out, layer) / s.name for s in t.saes]
@@ -204,8 +204,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
     lanes = list(range(acc.process_index, t.data_lanes, acc.num_processes))
     batches = prefetch(global_batches(cache.root, layer, lanes, t, plan, start))
     log_every = max(1, min(100, plan.steps // 500))
-    bar = tqdm(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}",
-               disable=not acc.is_main_process, dynamic_ncols=True)
+    bar = progress(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}", disable=not acc.is_main_process)
     tick, tick_step = time.perf_counter(), start
     try:  # the bar ends its line, so that an error is printed on its own
         for step in range(start, plan.steps):
@@ -226,7 +225,8 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
                                                            **entry, "tokens_per_s": tokens_per_s})
                     first = logs[0]
                     bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
-                                    FVE=f"{first['frac_variance_explained']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                                    FVE=f"{first['frac_variance_explained']:.3f}",
+                                    dead=f"{first['dead'] / t.saes[0].width:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             if save:
                 _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
     finally:
