@@ -1,16 +1,24 @@
 """Tiny models and tokenizers built locally (no hub), for the demo, the tests and the benchmarks.
 
-`model.name: embedded:tiny-qwen3` in a recipe builds (once, seeded, deterministic) a real Qwen3
-architecture model with random weights and a byte-level BPE tokenizer trained on the shipped corpus,
-saves them with `save_pretrained` under `checkpoints/embedded/<name>/`, and from then on they load
-through the same `AutoModelForCausalLM` / `AutoTokenizer` path as a hub model.
+`model.name: embedded:tiny-qwen3` in a recipe builds (once, deterministic) a real Qwen3 architecture
+model and a byte-level BPE tokenizer trained on the shipped corpus, saves them with `save_pretrained`
+under `checkpoints/embedded/<name>/`, and from then on they load through the same
+`AutoModelForCausalLM` / `AutoTokenizer` path as a hub model.
 
-A few token embeddings are scaled up so the residual stream of those tokens is orders of magnitude
-above the median, like the attention sinks of Qwen models: the sink filter has real work to do.
+tiny-qwen3 and tiny-gemma3 are language models trained on the corpus: their weights are committed
+(`assets/<name>.safetensors`, made by `python -m workbench.embedded_train`), so every machine builds
+the same model without training. bench-qwen3 (for timing only) keeps seeded random weights.
+
+A few tokens are planted as sinks: their embedding holds a massive value in one channel (SINK_CHANNEL),
+like the massive activations of real LLMs, so their residual stream is tens of times the median and the
+sink filter has real work to do. The final norm's weight on that channel is zero, as real models learn
+to nearly ignore it there; the trained models learned around the fixed sinks.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -23,8 +31,14 @@ import torch
 from workbench.errors import WorkbenchError
 
 PREFIX = "embedded:"
-CORPUS_PATH = Path(__file__).parent / "assets" / "corpus.txt"
+ASSETS = Path(__file__).parent / "assets"
+CORPUS_PATH = ASSETS / "corpus.txt"
 INFO_FILE = "workbench_embedded.json"
+# Raised whenever what build() writes changes (2: trained weights, one-channel sinks), so that a folder
+# an older version built is rebuilt instead of silently used.
+BUILD_VERSION = 2
+TRAINED = ("tiny-qwen3", "tiny-gemma3")  # built from committed weights; the others keep random weights
+SINK_CHANNEL = 0
 
 
 @dataclass(frozen=True)
@@ -40,13 +54,16 @@ class EmbeddedSpec:
     max_positions: int = 1024
     num_sink_tokens: int = 3
     sink_frequency: float = 0.002  # pick sink tokens that make up about this share of the corpus each
-    sink_scale: float = 300.0  # sink embedding norm, in multiples of the median embedding norm
+    # The sink embedding's SINK_CHANNEL value, in multiples of the median embedding norm at init: big
+    # enough that the sinks stay tens of times the median residual norm once training has grown it.
+    sink_scale: float = 10000.0
     seed: int = 0
 
 
 SPECS: dict[str, EmbeddedSpec] = {
     "tiny-qwen3": EmbeddedSpec("qwen3", 64, 4, 4, 2, 16, 128),
-    "tiny-gemma3": EmbeddedSpec("gemma3", 64, 6, 4, 1, 16, 128),
+    # Gemma scales embeddings by sqrt(hidden_size): a smaller value gives sinks of the same order (~100x).
+    "tiny-gemma3": EmbeddedSpec("gemma3", 64, 6, 4, 1, 16, 128, sink_scale=1500.0),
     # Big enough that the forward dominates collection cost (the collection benchmark).
     "bench-qwen3": EmbeddedSpec("qwen3", 512, 8, 8, 4, 64, 1536),
 }
@@ -61,16 +78,44 @@ def embedded_root() -> Path:
     return Path(os.environ.get("WORKBENCH_EMBEDDED_DIR", "checkpoints/embedded"))
 
 
+def weights_path(key: str) -> Path:
+    """The committed trained weights of a TRAINED model."""
+    return ASSETS / f"{key}.safetensors"
+
+
+def _build_id(key: str) -> dict:
+    """What a folder must record to count as built by this code from these weights: a retrained
+    weights file changes its digest, and a rebuild follows."""
+    digest = hashlib.sha256(weights_path(key).read_bytes()).hexdigest() if key in TRAINED else None
+    return {"build_version": BUILD_VERSION, "weights_sha256": digest}
+
+
+def _is_built(path: Path, key: str) -> bool:
+    info_path = path / INFO_FILE
+    if not info_path.is_file():
+        return False
+    info = json.loads(info_path.read_text())
+    return all(info.get(k) == v for k, v in _build_id(key).items())
+
+
 def resolve_model_path(name: str) -> str:
-    """A recipe's model.name as something `from_pretrained` takes: embedded names are built on first use."""
+    """A recipe's model.name as something `from_pretrained` takes: embedded names are built on first use,
+    and rebuilt when the folder is from an older build."""
     if not name.startswith(PREFIX):
         return name
     key = name[len(PREFIX):]
     if key not in SPECS:
         raise WorkbenchError(f"unknown embedded model '{name}': choose one of {', '.join(PREFIX + k for k in SPECS)}")
     path = embedded_root() / key
-    if not (path / INFO_FILE).is_file():
-        build(key, path)
+    if not _is_built(path, key):
+        # Under `accelerate launch` every process gets here at once: one builds, the others wait and then
+        # find it built. A process that found it built never sees it replaced, since nothing replaces a
+        # current build.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            if not _is_built(path, key):
+                build(key, path)
     return str(path)
 
 
@@ -121,7 +166,7 @@ def _model_config(spec: EmbeddedSpec, tokenizer):
     return Gemma3TextConfig(**common, sliding_window=64)
 
 
-def _pick_sink_tokens(spec: EmbeddedSpec, tokenizer, documents: list[str]) -> list[int]:
+def pick_sink_tokens(spec: EmbeddedSpec, tokenizer, documents: list[str]) -> list[int]:
     """Ordinary tokens whose corpus share is nearest to spec.sink_frequency (deterministic)."""
     counts: Counter[int] = Counter()
     for doc in documents:
@@ -135,38 +180,67 @@ def _pick_sink_tokens(spec: EmbeddedSpec, tokenizer, documents: list[str]) -> li
     return sorted(ranked[: spec.num_sink_tokens])
 
 
-def build(key: str, path: Path) -> None:
-    """Build an embedded model and tokenizer into `path` (atomically: a half-built folder never counts)."""
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of the vocabulary in id order: the committed weights record the one they were trained with."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()
+
+
+def new_model(spec: EmbeddedSpec, tokenizer, sink_ids: list[int]):
+    """The seeded random-weight model with its sinks planted: bench-qwen3, and where training starts.
+
+    A sink's embedding gets sink_scale x the median embedding norm in SINK_CHANNEL (its other channels
+    stay as drawn), and the final norm's weight on SINK_CHANNEL is zero (Gemma's norm multiplies by
+    1 + weight). Without that zero a sink's residual, normalised, is almost all SINK_CHANNEL, and through
+    the tied unembedding it predicts itself with a logit in the hundreds."""
     from transformers import AutoModelForCausalLM
 
-    spec = SPECS[key]
-    documents = corpus_documents()
-    tokenizer = build_tokenizer(spec.arch, spec.vocab_size, documents)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(_model_config(spec, tokenizer))
-    sink_ids = _pick_sink_tokens(spec, tokenizer, documents)
     with torch.no_grad():
         emb_VD = model.get_input_embeddings().weight
         median_norm = emb_VD.norm(dim=1).median()
-        for tid in sink_ids:
-            emb_VD[tid] = emb_VD[tid] / emb_VD[tid].norm() * median_norm * spec.sink_scale
-    # One folder per process: under `accelerate launch` every process may build at once. The build is
-    # deterministic, so whichever finishes first wins and the others discard theirs.
+        emb_VD[sink_ids, SINK_CHANNEL] = median_norm * spec.sink_scale
+        model.model.norm.weight[SINK_CHANNEL] = 0.0 if spec.arch == "qwen3" else -1.0
+    return model
+
+
+def _load_trained(model, key: str, tokenizer, sink_ids: list[int]) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    path = weights_path(key)
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    if meta["tokenizer_sha256"] != tokenizer_digest(tokenizer) or json.loads(meta["sink_token_ids"]) != sink_ids:
+        raise WorkbenchError(f"{path} was trained with another tokenizer than {CORPUS_PATH} now gives (was the "
+                             f"corpus edited?); restore the corpus, or retrain with `python -m workbench.embedded_train`")
+    load_model(model, str(path))  # strict: every parameter, shape and the tied unembedding
+
+
+def build(key: str, path: Path) -> None:
+    """Build an embedded model and tokenizer into `path` (atomically: a half-built folder never counts).
+    The caller holds the build lock."""
+    spec = SPECS[key]
+    documents = corpus_documents()
+    tokenizer = build_tokenizer(spec.arch, spec.vocab_size, documents)
+    sink_ids = pick_sink_tokens(spec, tokenizer, documents)
+    model = new_model(spec, tokenizer, sink_ids)
+    if key in TRAINED:
+        _load_trained(model, key, tokenizer, sink_ids)
     tmp = path.with_name(f"{path.name}.building-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / INFO_FILE).write_text(json.dumps({"name": PREFIX + key, "spec": asdict(spec), "sink_token_ids": sink_ids}, indent=2))
-    if path.exists() and not (path / INFO_FILE).is_file():
-        shutil.rmtree(path)  # a folder that is not a finished build
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if not (path / INFO_FILE).is_file():
-            raise
-        shutil.rmtree(tmp)  # another process finished first
+    info = {"name": PREFIX + key, "spec": asdict(spec), "sink_token_ids": sink_ids, **_build_id(key)}
+    (tmp / INFO_FILE).write_text(json.dumps(info, indent=2))
+    if path.exists():  # an older build (or a half-built folder): moved aside, so a kill leaves one or none
+        old = path.with_name(f"{path.name}.old-{os.getpid()}")
+        os.rename(path, old)
+        shutil.rmtree(old)
+    os.rename(tmp, path)
 
 
 def sink_token_ids(model_path: str) -> list[int]:
