@@ -11,6 +11,11 @@
     workbench convert SRC --to FMT --out DST     one SAE folder, dictionary_learning <-> SAELens, exactly
     workbench verify DIR [--cache CACHE]         each SAE against its reference library (separate process)
     workbench features SAE --out DIR             each latent's top examples and sink report, as static HTML
+    workbench status RECIPE|RUN                  where a pipeline stands: each stage, step, ETA, disk, last error
+    workbench upload EXPORT --repo-id OWNER/NAME an export folder to the hub, in its published layout
+
+Every command takes --progress-every SECONDS: the interval of the plain progress lines written when
+stderr is not a terminal (a log file), default 30 (the WORKBENCH_PROGRESS_EVERY environment variable).
 
 User errors (WorkbenchError, a command line argparse refuses included) print one line and exit 2;
 anything else keeps its traceback. Dotlist overrides may come anywhere after the command
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -273,6 +279,44 @@ def _features_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=_count, help="the cache layer, for an SAE that records none")
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from workbench.status import render, status
+
+    print(render(status(args.target, args.overrides)))
+    return 0
+
+
+def _status_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="RECIPE|RUN", help="a recipe YAML (with its overrides), or a run folder (train.out)")
+    p.add_argument("overrides", nargs="*", help="the dotlist overrides the pipeline was run with")
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from workbench.upload import check_repo_id, plan_upload, render, upload
+
+    check_repo_id(args.repo_id)
+    if args.dry_run:
+        print(render(plan_upload(args.export), args.repo_id, args.revision))
+        return 0
+    print(f"uploaded {args.export} to {upload(args.export, args.repo_id, args.revision, args.private)}")
+    return 0
+
+
+def _upload_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("export", help="a folder `workbench export --out` wrote (one format: dictionary_learning or saelens)")
+    p.add_argument("--repo-id", required=True, type=_text, help="the hub model repo, OWNER/NAME (created when missing)")
+    p.add_argument("--revision", type=_text, help="the branch to commit to (created when missing; default: main)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    p.add_argument("--dry-run", action="store_true", help="print each file and its repo path; send nothing")
+
+
+def _interval(text: str) -> float:
+    value = _tolerance(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be above 0 seconds")
+    return value
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("cache")
     p.add_argument("--top", type=_count, default=10, help="most frequent sink tokens to list")
@@ -294,11 +338,15 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     "verify": (cmd_verify, "check SAE folders against their reference library", _verify_args),
     "features": (cmd_features, "max-activating examples, statistics and sink report of every latent, as HTML",
                  _features_args),
+    "status": (cmd_status, "where a pipeline stands: each stage done, running or not, its step and ETA, disk, last error",
+               _status_args),
+    "upload": (cmd_upload, "upload an export folder (either format, with its model card) to a hub model repo",
+               _upload_args),
 }
 
 
 # Commands whose positionals end in dotlist overrides: those may come anywhere after the command.
-WITH_OVERRIDES = ("collect", "train", "run", "plan", "eval")
+WITH_OVERRIDES = ("collect", "train", "run", "plan", "eval", "status")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text, intermixed=name in WITH_OVERRIDES)
         add_args(p)
+        p.add_argument("--progress-every", type=_interval, metavar="SECONDS",
+                       help="seconds between progress lines when stderr is not a terminal (default: 30, or "
+                            "$WORKBENCH_PROGRESS_EVERY)")
         p.set_defaults(func=func)
     return parser
 
@@ -322,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"{err.prog}: error: {err}", file=sys.stderr)
         return 2
+    from workbench.progress import ENV, quiet_library_bars
+
+    quiet_library_bars()
+    if args.progress_every is not None:  # the environment reaches every process and stage that draws progress
+        os.environ[ENV] = repr(args.progress_every)
     try:
         return args.func(args)
     except WorkbenchError as err:

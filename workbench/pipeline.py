@@ -57,6 +57,23 @@ def _log(recipe: Recipe, stage: str, log: dict, info: dict) -> None:
     write_json(_state_path(recipe), {"recipe": _recipe_id(recipe), "stages": log})
 
 
+def _log_failure(recipe: Recipe, stage: str, log: dict, err: WorkbenchError) -> None:
+    """Record the error beside the stage entries, for `workbench status`; the next finished stage's entry
+    drops it. A failure to write the log must not hide the stage's own error."""
+    failed = {"stage": stage, "error": str(err), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    try:
+        write_json(_state_path(recipe), {"recipe": _recipe_id(recipe), "stages": log, "failed": failed})
+    except WorkbenchError:
+        pass
+
+
+def read_failure(recipe: Recipe) -> dict | None:
+    """The `failed` entry {stage, error, time} of the log, when the last run of this recipe ended with an error."""
+    state = read_json_object(_state_path(recipe)) or {}
+    failed = state.get("failed") if state.get("recipe") == _recipe_id(recipe) else None
+    return failed if isinstance(failed, dict) else None
+
+
 def export_root(recipe: Recipe, fmt: str) -> Path:
     return Path(recipe.export.out) / fmt
 
@@ -247,11 +264,16 @@ def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[st
             continue
         if state.is_main_process:
             print(f"[{stage}] ...", flush=True)
-        if stage in ("collect", "train"):  # on every process
-            info = RUNNERS[stage](recipe, recipe_path, overrides)
-            state.wait_for_everyone()
-        else:  # on the main process; the others learn how it ended
-            info = _on_main(state, stage, lambda stage=stage: RUNNERS[stage](recipe, recipe_path, overrides))
+        try:
+            if stage in ("collect", "train"):  # on every process
+                info = RUNNERS[stage](recipe, recipe_path, overrides)
+                state.wait_for_everyone()
+            else:  # on the main process; the others learn how it ended
+                info = _on_main(state, stage, lambda stage=stage: RUNNERS[stage](recipe, recipe_path, overrides))
+        except WorkbenchError as err:
+            if state.is_main_process:
+                _log_failure(recipe, stage, log, err)
+            raise
         ran[stage] = info
         if state.is_main_process:
             _log(recipe, stage, log, info)
