@@ -197,8 +197,11 @@ def test_sinks_pass_through_exactly_while_splice_all_distorts_them(lm, acts):
     (_, fit_sinks_ND, fit_max_median, _), (_, eval_sinks_ND, eval_max_median, _) = acts
     # The planted sinks are 3 token embeddings: their activations span 3 directions.
     sink_dirs_RD = torch.linalg.svd(fit_sinks_ND, full_matrices=False).Vh[:3]
-    # Kept tokens have norm <= 10 x their batch median, so with this clip the sink latents never fire on them
-    clip = 15 * max(fit_max_median, eval_max_median)
+    # The sink latents pull a sink's component along its direction back to 2x the median norm. On the trained
+    # model a sink is one massive channel, so a milder clip leaves its direction (all the next RMSNorm sees)
+    # nearly unchanged. Kept tokens lie far below 2x the median along those directions, so the sink latents
+    # never fire on them: passthrough stays exact (asserted below).
+    clip = 2 * max(fit_max_median, eval_max_median)
     sae = clipping_sae(sink_dirs_RD, clip)
     x_hat_ND = sae.decode(sae.encode(eval_sinks_ND))
     assert bool((x_hat_ND.norm(dim=1) < 0.2 * eval_sinks_ND.norm(dim=1)).all())  # sinks shrink 5x and more
@@ -210,10 +213,10 @@ def test_sinks_pass_through_exactly_while_splice_all_distorts_them(lm, acts):
     assert r["kl_div_passthrough"] == 0.0
     assert r["loss_reconstructed_passthrough"] == r["loss_original"]
     assert r["frac_recovered_passthrough"] == 1.0
-    # splice-all: the sinks are distorted and the model moves (the tiny random model's loss sits in the far
-    # tail of its distributions, so the loss moves much more than the KL)
-    assert r["kl_div_splice_all"] > 1e-4
-    assert abs(r["loss_reconstructed_splice_all"] - r["loss_original"]) > 0.1
+    # splice-all: the sinks are distorted and the model moves (measured on the trained tiny model: KL 8.2e-4,
+    # loss -2.9e-3 nats; the bounds leave about a 3x margin)
+    assert r["kl_div_splice_all"] > 2.5e-4
+    assert abs(r["loss_reconstructed_splice_all"] - r["loss_original"]) > 1e-3
     assert r["frac_recovered_splice_all"] != 1.0
 
 
