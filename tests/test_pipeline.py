@@ -45,12 +45,16 @@ def stages_done(out: Path) -> list[str]:
         return []
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline")
+def run_to_the_end(out: Path) -> Path:
+    """The whole (small) pipeline into `out`, which it returns."""
     proc = subprocess.run(run_args(out), cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    return run_to_the_end(tmp_path_factory.mktemp("pipeline"))
 
 
 def test_run_does_every_stage_and_verifies_both_formats(finished):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import accelerate_two_cpu_processes
-from test_pipeline import REPO, env, mtimes, run_args
+from test_pipeline import REPO, env, mtimes, run_args, run_to_the_end
 
 from workbench.formats.output import MARKER
 
@@ -35,10 +35,7 @@ def test_a_per_sae_stage_failing_on_the_main_process_ends_both_processes_with_it
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pipeline_state")
-    proc = subprocess.run(run_args(out), cwd=REPO, env=env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out
+    return run_to_the_end(tmp_path_factory.mktemp("pipeline_state"))
 
 
 def _rerun(out: Path) -> subprocess.CompletedProcess:
