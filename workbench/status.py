@@ -160,27 +160,22 @@ def _collect_detail(recipe, st: Status) -> tuple[str, bool]:
 
 def _train_detail(recipe, st: Status, running: bool) -> tuple[str, bool]:
     """Each layer's step of its planned steps (from its checkpoint, or done), and whether any began."""
-    from workbench.cache.reader import ActivationCache
     from workbench.training.loop import (
         CHECKPOINT,
         METRICS,
         _is_complete,
         _read_checkpoint,
         layer_dir,
-        plan_layer,
+        layer_plans,
         read_metrics,
     )
 
-    t = recipe.train
-    try:
-        with ActivationCache(t.cache or recipe.collect.out) as cache:
-            layers = t.layers if t.layers is not None else cache.layers
-            plans = {layer: plan_layer(recipe, cache, layer) for layer in layers}
-    except WorkbenchError:
+    t, plans = recipe.train, layer_plans(recipe)
+    if plans is None:
         return "waits for a complete cache", False
     parts, begun = [], False
-    for layer in layers:
-        plan, folder = plans[layer], layer_dir(t.out, layer)
+    for layer, plan in plans.items():
+        folder = layer_dir(t.out, layer)
         if all(_is_complete(folder / cfg.name, plan, t) for cfg in t.saes):
             st.layers[layer] = (plan.steps, plan.steps)
             parts.append(f"layer {layer}: done ({plan.steps} steps)")

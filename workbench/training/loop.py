@@ -102,14 +102,22 @@ def train(recipe: Recipe) -> list[Path]:
 def is_trained(recipe: Recipe) -> bool:
     """Whether every SAE of train.saes is finished, for this recipe, on every layer it trains: the
     pipeline's check, from the SAE folders themselves (a deleted or unreadable one is not finished)."""
+    t, plans = recipe.train, layer_plans(recipe)
+    if plans is None:
+        return False  # train itself says what is wrong
+    return all(_is_complete(layer_dir(t.out, layer) / cfg.name, plan, t) for layer, plan in plans.items() for cfg in t.saes)
+
+
+def layer_plans(recipe: Recipe) -> dict[int, LayerPlan] | None:
+    """The plan of every layer train.layers trains, from the recipe's cache; None while that cache cannot
+    be read (not collected yet, or damaged: train itself then says what is wrong)."""
     t = recipe.train
     try:
         with ActivationCache(t.cache or recipe.collect.out) as cache:
             layers = t.layers if t.layers is not None else cache.layers
-            plans = {layer: plan_layer(recipe, cache, layer) for layer in layers}
+            return {layer: plan_layer(recipe, cache, layer) for layer in layers}
     except WorkbenchError:
-        return False  # train itself says what is wrong
-    return all(_is_complete(layer_dir(t.out, layer) / cfg.name, plans[layer], t) for layer in layers for cfg in t.saes)
+        return None
 
 
 @contextmanager
