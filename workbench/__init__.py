@@ -19,7 +19,8 @@
     features    features/        max-activating examples and feature pages from the cache
 
 Shared by the stages:
-    sink.py          the sink rule: which tokens are kept (the one keep mask) and DEFAULT_SINK_MULTIPLE
+    sink.py          the sink rule: which tokens are kept (the one keep mask); its default multiple,
+                     DEFAULT_SINK_MULTIPLE, is defined with the recipe defaults (config.py loads no torch)
     sae/             the SAE modules (modules.py), sparse kernels (sparse.py) and the architecture
                      registry (registry.py): what is specific to BatchTopK or Matryoshka
     formats/         the checkpoint formats: one adapter per dictionary_learning class and per SAELens

@@ -26,7 +26,6 @@ from omegaconf._utils import get_yaml_loader
 from omegaconf.errors import OmegaConfBaseException
 
 from workbench.errors import WorkbenchError
-from workbench.sink import DEFAULT_SINK_MULTIPLE
 
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 STORE_DTYPES = ("model", "bfloat16", "float16", "float32")
@@ -36,6 +35,9 @@ EXPORT_FORMATS = ("dictionary_learning", "saelens")  # as workbench.export.TARGE
 # the export's series under <export.out>/<format>/.
 SAE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 SERIES_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+DEFAULT_SINK_MULTIPLE = 10.0  # collect.sink_multiple's default, the reference rule's (dictionary_learning PR #52)
 
 
 @dataclass

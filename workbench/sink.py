@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-DEFAULT_SINK_MULTIPLE = 10.0  # collect.sink_multiple's default, the reference rule's (PR #52)
+from workbench.config import (
+    DEFAULT_SINK_MULTIPLE,  # defined beside the recipe defaults: config loads no torch
+)
+
 FIRST_TOKEN = 1  # drop reasons stored in the cache (0 = kept)
 SINK = 2
 
