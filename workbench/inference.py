@@ -35,10 +35,16 @@ def encode_filtered(sae: torch.nn.Module, resid_BLD: torch.Tensor, multiple: flo
     flt = sink_filter(resid_BLD, multiple=multiple, valid_BL=valid_BL, median_over=median_over)
     keep_BL = keep_mask(None if valid_BL is None else valid_BL.bool(), flt.sink_BL,
                         None if first_token_BL is None else first_token_BL.bool())
+    return encode_kept(sae, resid_BLD, keep_BL), keep_BL
+
+
+def encode_kept(sae: torch.nn.Module, resid_BLD: torch.Tensor, keep_BL: torch.Tensor) -> torch.Tensor:
+    """Latents [B, L, F]: sae.encode of the tokens keep_BL marks, zero everywhere else (encode_filtered's
+    second half, for a caller that already has the keep mask)."""
     f_NF = sae.encode(resid_BLD[keep_BL])
     f_BLF = f_NF.new_zeros((*keep_BL.shape, f_NF.shape[-1]))
     f_BLF[keep_BL] = f_NF
-    return f_BLF, keep_BL
+    return f_BLF
 
 
 def filter_settings(folder: str | Path) -> dict:
