@@ -43,6 +43,7 @@ from workbench.errors import WorkbenchError
 from workbench.files import read_json_object, write_json
 from workbench.formats.convert import find_sae_folders
 from workbench.formats.dictionary_learning import CONFIG_FILE, EVAL_FILE, EXTRA_SECTION, load_folder
+from workbench.hub import is_hub_ref, resolve_sae_path
 from workbench.model import (
     d_model_of,
     decoder_layers,
@@ -217,10 +218,13 @@ def evaluate_folders(path: str | Path, recipe_path: str | None = None, overrides
     The model and layer come from each config.json (trainer.lm_name, trainer.layer); the recipe supplies the
     text, the model's dtype and the eval section (without a recipe: the defaults, with model.name the SAEs'
     lm_name). The model is loaded and the held-out text tokenised once for all the SAEs. With write, each
-    SAE's results are merged into its eval_results.json (the trainer's keys kept).
+    SAE's results are merged into its eval_results.json (the trainer's keys kept). `path` may be an hf://
+    reference (workbench.hub); its folders are the hub cache's copy, so nothing is written into them.
     """
     from workbench.threshold import finish_interrupted_write
 
+    if is_hub_ref(path):
+        path, write = resolve_sae_path(path), False
     folders = find_sae_folders(path, formats=("dictionary_learning",))
     for folder in folders:  # an interrupted threshold write would otherwise be completed over the merged results
         finish_interrupted_write(folder)

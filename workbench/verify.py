@@ -40,6 +40,7 @@ from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
 from workbench.formats.convert import detect_format, find_sae_folders, load_sae, read_weights
 from workbench.formats.weights import InferenceSAE
+from workbench.hub import resolve_sae_path
 
 LIBRARY_OF = {"dictionary_learning": "dictionary_learning", "saelens": "sae_lens"}
 OUTPUTS = ("encode", "decode", "forward")
@@ -66,6 +67,7 @@ class Check:
 def verify(root: str | Path, cache: str | Path | None = None, num_random: int = 256, num_cache: int = 256,
            tolerance: float = 1e-5, seed: int = 0) -> list[Check]:
     """Compare every SAE under root with its reference library; see the module docstring."""
+    root = resolve_sae_path(root)  # a local folder or an hf:// reference
     # complete=False: a folder with weights but a missing config is reported as a failed check, not skipped
     checks = [Check(folder=folder, fmt="?", tolerance=tolerance) for folder in find_sae_folders(root, complete=False)]
     ours: dict[int, dict[str, torch.Tensor]] = {}

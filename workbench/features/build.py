@@ -37,6 +37,7 @@ from workbench.files import write_json
 from workbench.formats.convert import detect_format, find_sae_folders, load_sae, read_weights
 from workbench.formats.output import write_output
 from workbench.formats.weights import InferenceSAE
+from workbench.hub import resolve_sae_path
 
 FEATURES_FILE = "features.json"
 EFFECTS_TOP = 10  # output tokens listed each way per latent
@@ -82,7 +83,7 @@ def build_features(sae: str | Path, out: str | Path, cache: str | Path | None = 
     for name, value, least in (("--top", top, 1), ("--window", window, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise WorkbenchError(f"{name} must be an integer >= {least} (got {value!r})")
-    root, out = Path(sae), Path(out)
+    root, out = resolve_sae_path(sae), Path(out)  # a local folder or an hf:// reference
     if out.exists() and not out.is_dir():
         raise WorkbenchError(f"--out {out} is a file; pass a new --out (a directory)")
     folders = find_sae_folders(root)

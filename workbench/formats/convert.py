@@ -29,6 +29,7 @@ from workbench.formats import dictionary_learning as dl
 from workbench.formats import saelens
 from workbench.formats.output import write_output
 from workbench.formats.weights import InferenceSAE, SAEWeights, check_k
+from workbench.hub import resolve_sae_path
 from workbench.sae import SAE
 from workbench.sae.registry import BY_DICT_CLASS
 
@@ -38,8 +39,9 @@ WEIGHTS_FILE = {"dictionary_learning": dl.AE_FILE, "saelens": saelens.WEIGHTS_FI
 
 
 def detect_format(folder: str | Path) -> str:
-    """'dictionary_learning' (ae.pt + config.json) or 'saelens' (cfg.json + sae_weights.safetensors)."""
-    folder = Path(folder)
+    """'dictionary_learning' (ae.pt + config.json) or 'saelens' (cfg.json + sae_weights.safetensors).
+    Every function here takes a local folder or an hf:// reference (workbench.hub)."""
+    folder = resolve_sae_path(folder)
     if not folder.is_dir():
         raise WorkbenchError(f"{folder} is not a directory; give an SAE folder")
     found = [fmt for fmt, files in OWN_FILES.items() if all((folder / f).is_file() for f in files)]
@@ -63,7 +65,7 @@ def find_sae_folders(root: str | Path, formats: tuple[str, ...] = FORMATS, compl
 
     A folder counts when it holds its format's files (OWN_FILES); with complete=False, when it holds the
     weights file alone (ae.pt, sae_weights.safetensors), so that a checker can report what the folder lacks."""
-    root = Path(root)
+    root = resolve_sae_path(root)
     if not root.is_dir():
         raise WorkbenchError(f"{root} is not a directory; give an SAE folder or a folder of them (train.out, an export)")
     folders = {p.parent for fmt in formats for p in root.rglob(WEIGHTS_FILE[fmt])
@@ -78,7 +80,7 @@ def find_sae_folders(root: str | Path, formats: tuple[str, ...] = FORMATS, compl
 def read_weights(folder: str | Path, k: int | None = None, k_name: str = "--k") -> SAEWeights:
     """Any supported SAE folder as SAEWeights; `k` supplies (or must equal) a BatchTopK SAE's training k,
     and must be from 1 to d_sae. k_name: where `k` came from, for errors."""
-    folder = Path(folder)
+    folder = resolve_sae_path(folder)
     fmt = detect_format(folder)
     weights = dl.read_weights(folder) if fmt == "dictionary_learning" else saelens.read_weights(folder)
     if k is not None:
@@ -97,7 +99,7 @@ def convert_explained(src: str | Path, to: str, out: str | Path, k: int | None =
     """`convert`, returning what was written and why that class or architecture (for the CLI's line)."""
     if to not in FORMATS:
         raise WorkbenchError(f"--to must be one of {', '.join(FORMATS)} (got {to!r})")
-    src, out = Path(src), Path(out)
+    src, out = resolve_sae_path(src), Path(out)
     if detect_format(src) == to:
         raise WorkbenchError(f"{src} is already a {to} folder; copy it instead")
     if out.resolve() == src.resolve():
@@ -119,7 +121,7 @@ def load_trainable(folder: str | Path, k: int | None = None) -> SAE:
     """The trainable BatchTopKSAE / MatryoshkaBatchTopKSAE in an SAE folder of either format. A SAELens
     folder is converted exactly, in memory, as `convert` would write it (`k` supplies, or must equal, the
     training k of a jumprelu SAE with a constant threshold); a dictionary_learning one loads as it is."""
-    folder = Path(folder)
+    folder = resolve_sae_path(folder)
     if detect_format(folder) == "dictionary_learning":
         return dl.load_folder(folder)[0]
     dict_class, state = dl.state_dict_for(read_weights(folder, k=k, k_name="the training k"))
@@ -129,7 +131,7 @@ def load_trainable(folder: str | Path, k: int | None = None) -> SAE:
 def load_sae(folder: str | Path) -> nn.Module:
     """The workbench's own inference module for an SAE folder, with `encode` and `decode`: the trainable
     BatchTopKSAE / MatryoshkaBatchTopKSAE for those dictionary_learning classes, else InferenceSAE."""
-    folder = Path(folder)
+    folder = resolve_sae_path(folder)
     if detect_format(folder) == "dictionary_learning":
         dict_class = dl.read_config(folder)["trainer"]["dict_class"]
         if dict_class in BY_DICT_CLASS:

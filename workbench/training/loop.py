@@ -53,6 +53,7 @@ from workbench.files import folder_lock, make_dir, read_json_object, write_atomi
 from workbench.formats import dictionary_learning as dl_format
 from workbench.formats import saelens
 from workbench.formats.convert import load_trainable
+from workbench.hub import resolve_sae_path
 from workbench.metrics import evaluate_sae
 from workbench.provenance import Provenance
 from workbench.sae import SAE
@@ -286,7 +287,7 @@ def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
     """The SAE to fine-tune: `init_from` is one SAE folder in either format, or a dictionary_learning series
     with resid_post_layer_<L>/<name>/. A SAELens folder is converted exactly (load_trainable), the recipe's
     k standing in for a training k it does not record."""
-    root = Path(init_from)
+    root = resolve_sae_path(init_from)  # a local folder or an hf:// reference (workbench.hub)
     marks = (dl_format.AE_FILE, saelens.CFG_FILE, saelens.WEIGHTS_FILE)
     folder = next((f for f in (root, layer_dir(root, layer) / cfg.name) if any((f / m).is_file() for m in marks)), None)
     if folder is None:
