@@ -9,6 +9,7 @@ from workbench.sae.modules import (
 )
 from workbench.sae.sparse import (
     Kept,
+    auxk_select,
     batch_topk,
     batch_topk_select,
     decode_kept,
@@ -20,6 +21,7 @@ __all__ = [
     "SAE",
     "BatchTopKSAE",
     "Kept",
+    "auxk_select",
     "MatryoshkaBatchTopKSAE",
     "batch_topk",
     "batch_topk_select",

@@ -14,6 +14,12 @@ The math, the same for both:
     f_BF     = top k*B entries of pre_BF, batch-wide training (batch dependent)
     x_hat_BD = f_BF @ W_dec_FD + b_dec_D
 
+Both modules keep W_enc and W_dec in memory as [F, D] rows (one latent's directions contiguous),
+whatever the state-dict layout: the [D, F] entries (`decoder.weight`, Matryoshka's `W_enc`) are
+transposed views of [F, D] storage, and `state_dict()` writes them as contiguous [D, F] tensors. The
+training step's sparse products, decoder-norm projection and renormalisation then read whole rows
+instead of strided columns, and no step transposes a weight.
+
 The batch top-k selection and the sparse products training uses live in `workbench.sae.sparse`.
 """
 
@@ -28,6 +34,19 @@ from workbench.sae.sparse import batch_topk, jumprelu
 def unit_norm_rows(W_FD: torch.Tensor) -> torch.Tensor:
     """Each decoder direction (a row of W_dec_FD) scaled to unit L2 norm (eps as dictionary_learning)."""
     return W_FD / (W_FD.norm(dim=1, keepdim=True) + torch.finfo(W_FD.dtype).eps)
+
+
+def rows_parameter(W_FD: torch.Tensor) -> nn.Parameter:
+    """A [D, F] parameter held as the transposed view of contiguous [F, D] rows (autograd gives its
+    gradient, and Adam its state, the same layout)."""
+    return nn.Parameter(W_FD.contiguous().T)
+
+
+def _contiguous_entries(module: nn.Module, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the transposed views are written as contiguous tensors (the file layout)."""
+    for key, value in state.items():
+        if not isinstance(value, nn.Parameter) and not value.is_contiguous():
+            state[key] = value.contiguous()
 
 
 class _SAEBase(nn.Module):
@@ -46,6 +65,7 @@ class _SAEBase(nn.Module):
         self.dict_size = dict_size
         self.register_buffer("k", torch.tensor(k, dtype=torch.int32))
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32))
+        self.register_state_dict_post_hook(_contiguous_entries)
 
     # Views with shape-suffixed names, whatever the storage layout.
     @property
@@ -115,7 +135,7 @@ class BatchTopKSAE(_SAEBase):
         self.encoder = nn.Linear(activation_dim, dict_size)
         with torch.no_grad():
             # Decoder columns unit norm; encoder tied to the decoder at init; zero biases.
-            self.decoder.weight.copy_(unit_norm_rows(self.decoder.weight.T).T)
+            self.decoder.weight = rows_parameter(unit_norm_rows(self.decoder.weight.T))
             self.encoder.weight.copy_(self.decoder.weight.T)
             self.encoder.bias.zero_()
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))
@@ -168,7 +188,7 @@ class MatryoshkaBatchTopKSAE(_SAEBase):
         self.register_buffer("group_sizes", torch.tensor(group_sizes, dtype=torch.int64))
         self.active_groups = len(group_sizes)
         W_dec_FD = unit_norm_rows(nn.init.kaiming_uniform_(torch.empty(dict_size, activation_dim)))
-        self.W_enc = nn.Parameter(W_dec_FD.T.clone())
+        self.W_enc = rows_parameter(W_dec_FD.clone())
         self.b_enc = nn.Parameter(torch.zeros(dict_size))
         self.W_dec = nn.Parameter(W_dec_FD)
         self.b_dec = nn.Parameter(torch.zeros(activation_dim))

@@ -85,29 +85,112 @@ def batch_topk_select(pre_BF: torch.Tensor, n_keep: int, comm: Collective | None
     """
     flat = pre_BF.reshape(-1)
     if comm is None or comm.world_size == 1:
-        idx = _topk_indices(flat, min(n_keep, flat.numel()))
+        idx, vals = _topk_entries(flat, min(n_keep, flat.numel()))
     else:
         idx = _global_topk_indices(flat, n_keep, comm)
-    idx = idx[flat[idx] > 0]
-    return Kept.from_flat(idx, tuple(pre_BF.shape)), flat[idx]
+        vals = flat.index_select(0, idx)
+    positive = vals > 0
+    if not bool(positive.all()):
+        idx, vals = idx[positive], vals[positive]
+    return Kept.from_flat(idx, tuple(pre_BF.shape)), vals
 
 
-def _topk_indices(flat: torch.Tensor, n: int) -> torch.Tensor:
-    """Sorted indices of `relu(flat).topk(n)`, found without a full top-k when possible.
+def _topk_entries(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of `relu(flat).topk(n)` and their values in flat, found without a full top-k
+    when possible.
 
     A quantile of a strided sample gives a cut that leaves ~1.5x n candidates above it; the n-th
-    largest value is then found among the candidates only. Too few candidates, or a tie straddling
+    largest value is then found among the candidates only (one compare and one `nonzero` over the
+    whole of flat; every other pass is over the candidates). Too few candidates, or a tie straddling
     the cut (not rare in float32 at these sizes), and topk itself decides, as in the reference.
     """
     cut = _candidate_cut(flat, n / flat.numel(), lambda t: t)
     if cut is not None:
         cand_idx = torch.nonzero(flat > cut).squeeze(1)
         if cand_idx.numel() >= n:
-            cand_vals = flat[cand_idx]
+            cand_vals = flat.index_select(0, cand_idx)
             keep = cand_vals >= cand_vals.topk(n, sorted=False).values.min()
             if int(keep.sum()) == n:
-                return cand_idx[keep]
-    return torch.relu(flat).topk(n, sorted=False).indices.sort().values
+                return cand_idx[keep], cand_vals[keep]
+    idx = torch.relu(flat).topk(n, sorted=False).indices.sort().values
+    return idx, flat.index_select(0, idx)
+
+
+def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int) -> tuple[Kept, torch.Tensor]:
+    """The aux-k rule as an index set: each token's k_aux largest entries of relu(pre_BF) among the
+    dead latents (sorted indices dead_M), positive only. Returns (kept, vals_N), row-major.
+
+    Exactly the reference's `relu(pre[:, dead]).topk(k_aux, dim=1)` minus its zero entries, ties at a
+    token's cut included (a tie straddling it, and topk decides). Computed without the reference's
+    copy of every dead column: with at least as many dead latents as live ones, the candidates are
+    masked in place (the live columns cleared in a byte mask); with fewer, the dead columns are
+    gathered first, which moves less memory than one pass over [B, F]. A per-token cut from a strided
+    sample of the token's dead pre-activations leaves ~1.5-2x k_aux candidates above it; each token's
+    k_aux-th largest value is found among those only.
+    """
+    B, F = pre_BF.shape
+    M = dead_M.numel()
+    k_aux = min(k_aux, M)
+    if 2 * M < F:  # fewer dead than live latents: gather them ([B, M] moves less than a [B, F] pass)
+        sub_BM, col_of = pre_BF.index_select(1, dead_M), dead_M
+        sample_cols = torch.arange(M, device=dead_M.device)
+    else:
+        sub_BM, col_of, sample_cols = pre_BF, None, dead_M
+    cut_B = _row_cuts(sub_BM, sample_cols, k_aux)
+    if cut_B is None:
+        return _auxk_reference(pre_BF, dead_M, k_aux)
+    cand_BM = sub_BM > cut_B[:, None]
+    if col_of is None and M < F:
+        live = torch.ones(F, dtype=torch.bool, device=pre_BF.device)
+        live[dead_M] = False
+        cand_BM[:, live] = False
+    flat_N = torch.nonzero(cand_BM.view(-1)).squeeze(1)
+    rows_N, cols_N = flat_N // sub_BM.shape[1], flat_N % sub_BM.shape[1]
+    counts_B = torch.bincount(rows_N, minlength=B)
+    if bool(((counts_B < k_aux) & (cut_B > 0)).any()):  # a token's cut left too few: decide exactly
+        return _auxk_reference(pre_BF, dead_M, k_aux)
+    vals_N = sub_BM.reshape(-1).index_select(0, flat_N)
+    # Each token's k_aux-th largest candidate: the candidates laid out one padded row a token.
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    C = max(int(counts_B.max()), k_aux)
+    slot_N = rows_N * C + torch.arange(len(rows_N), device=rows_N.device) - starts_B.index_select(0, rows_N)
+    padded_BC = vals_N.new_full((B, C), -math.inf)
+    padded_BC.view(-1).index_copy_(0, slot_N, vals_N)
+    kth_B = padded_BC.topk(k_aux, dim=1, sorted=False).values.min(dim=1).values
+    keep = (vals_N >= kth_B.index_select(0, rows_N)) & (vals_N > 0)
+    kept_B = torch.bincount(rows_N[keep], minlength=B)
+    if bool((kept_B > counts_B.clamp_max(k_aux)).any()):  # a tie straddles a token's cut
+        return _auxk_reference(pre_BF, dead_M, k_aux)
+    keep_idx = torch.nonzero(keep).squeeze(1)
+    rows_N, cols_N, vals_N = (t.index_select(0, keep_idx) for t in (rows_N, cols_N, vals_N))
+    if col_of is not None:
+        cols_N = col_of.index_select(0, cols_N)  # increasing: the order stays row-major
+    return Kept(rows_N, cols_N, (B, F)), vals_N
+
+
+def _row_cuts(sub_BM: torch.Tensor, sample_cols: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Per row, a value (>= 0) with (very likely) at least k of the row's sampled-from entries above
+    it, from a strided sample of sample_cols; None when the rows are too short to be worth sampling."""
+    M = sample_cols.numel()
+    if 8 * k > M or M < 1024:
+        return None
+    stride = M // 512 | 1
+    sample_BS = sub_BM.index_select(1, sample_cols[stride // 2:: stride])
+    expected = k * sample_BS.shape[1] / M
+    m = min(sample_BS.shape[1], int(1.5 * expected + 4 * math.sqrt(expected)) + 4)
+    return sample_BS.topk(m, dim=1, sorted=False).values.min(dim=1).values.clamp_min(0.0)
+
+
+def _auxk_reference(pre_BF: torch.Tensor, dead_M: torch.Tensor, k: int) -> tuple[Kept, torch.Tensor]:
+    """The reference's rule: relu(pre[:, dead]).topk(k, dim=1), positive only, row-major (each token's
+    k picks sorted within its row: no sort over all B * k)."""
+    B, F = pre_BF.shape
+    top = torch.relu(pre_BF.index_select(1, dead_M)).topk(k, dim=1, sorted=False)
+    picks_BK, order_BK = top.indices.sort(dim=1)
+    vals_BK = top.values.gather(1, order_BK)
+    positive = vals_BK > 0
+    rows_BK = torch.arange(B, device=pre_BF.device)[:, None].expand_as(picks_BK)
+    return Kept(rows_BK[positive], dead_M.index_select(0, picks_BK[positive]), (B, F)), vals_BK[positive]
 
 
 def _global_topk_indices(flat: torch.Tensor, n: int, comm: Collective) -> torch.Tensor:

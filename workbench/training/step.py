@@ -32,7 +32,7 @@ import math
 import torch
 
 from workbench.dist import Comm
-from workbench.sae import SAE, Kept, batch_topk_select, decode_kept, encode_kept
+from workbench.sae import SAE, Kept, auxk_select, batch_topk_select, decode_kept, encode_kept
 from workbench.sae.registry import architecture_of
 
 
@@ -150,8 +150,10 @@ class Trainer:
         self._average_gradients(params)
         W_dec_FD, grad_FD = sae.W_dec_FD, sae.W_dec_grad_FD
         with torch.no_grad():
-            normed_FD = W_dec_FD / (W_dec_FD.norm(dim=1, keepdim=True) + 1e-6)
-            grad_FD -= (grad_FD * normed_FD).sum(dim=1, keepdim=True) * normed_FD
+            # grad -= <grad, u> u for u = W / (|W| + 1e-6), as one coefficient a row: contiguous rows,
+            # two passes, no [F, D] temporary.
+            coef_F = torch.linalg.vecdot(grad_FD, W_dec_FD) / (W_dec_FD.norm(dim=1) + 1e-6).square()
+            grad_FD.addcmul_(coef_F[:, None], W_dec_FD, value=-1.0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = self.lr * lr_factor(step, self.steps, self.warmup_steps, self.decay_start)
         for group in self.optimizer.param_groups:
@@ -187,13 +189,8 @@ class Trainer:
         self.dead = dead_idx.numel()
         if self.dead == 0:
             return residual_BD.new_zeros(())
-        top = torch.relu(hidden_pre_BF[:, dead_idx]).topk(min(self.top_k_aux, self.dead), dim=1, sorted=False)
-        rows_BK = torch.arange(x_BD.shape[0], device=x_BD.device)[:, None].expand_as(top.indices)
-        positive = top.values > 0  # zeros add nothing to the reconstruction and pass no gradient
-        rows, cols, vals = rows_BK[positive], dead_idx[top.indices[positive]], top.values[positive]
-        order = torch.sort(rows * sae.dict_size + cols).indices  # row-major, as Kept expects
-        kept = Kept(rows[order], cols[order], tuple(hidden_pre_BF.shape))
-        f_aux_N = encode_kept(sae, x_BD, vals[order], kept)
+        kept, vals_N = auxk_select(hidden_pre_BF, dead_idx, self.top_k_aux)
+        f_aux_N = encode_kept(sae, x_BD, vals_N, kept)
         recon_BD = decode_kept(f_aux_N, sae.W_dec_FD, kept)
         l2_aux = (residual_BD - recon_BD).pow(2).sum(dim=-1).mean()
         mu_D = comm.batch_mean(residual_BD)
@@ -258,5 +255,11 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
+        # The fused Adam reads a parameter and its moments as flat memory: give the moments the
+        # parameter's layout (a checkpoint from before the [F, D] storage holds them as [D, F] rows).
+        for p, p_state in self.optimizer.state.items():
+            for key, value in p_state.items():
+                if value.shape == p.shape and value.stride() != p.stride():
+                    p_state[key] = torch.empty_like(p).copy_(value)
         self.step = int(state["step"])
         self.num_tokens_since_fired.copy_(state["num_tokens_since_fired"])

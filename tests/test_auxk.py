@@ -1,0 +1,107 @@
+"""The aux-k branch: its selection is exactly the reference's (dictionary_learning's
+`relu(pre[:, dead]).topk(D/2, dim=1)` minus zeros) on every route (dead columns gathered, masked in
+place, all latents dead, the exact fallback), and the trainer's aux-k loss and gradients equal a plain
+dense implementation of the reference's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close_to_scale
+
+from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE, auxk_select
+from workbench.training import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def dense_reference(pre_BF: torch.Tensor, dead_M: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference's aux-k code [B, F]: the copy of the dead columns, their per-token topk, scattered."""
+    top = torch.relu(pre_BF[:, dead_M]).topk(min(k, dead_M.numel()), dim=1, sorted=False)
+    out_BF = torch.zeros_like(pre_BF)
+    out_BF[torch.arange(pre_BF.shape[0])[:, None], dead_M[top.indices]] = top.values
+    return out_BF
+
+
+def pre_activations(B: int, F: int, seed: int, shift: float = 0.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, F, generator=g) * (1 + torch.rand(B, 1, generator=g)) + torch.randn(F, generator=g) - shift
+
+
+# dead fraction 1.0: every latent (masked route, no column restriction); 0.6: masked in place; 0.1 at
+# F 16384: dead columns gathered, then the per-token cut; 0.1 at F 4096 (410 dead): the direct topk;
+# shift 3: most dead pre-activations negative, tokens with fewer than k positive entries.
+@pytest.mark.parametrize("B,F,k,dead_frac,shift", [(256, 4096, 128, 1.0, 0.0), (256, 4096, 128, 0.6, 0.0),
+                                                    (128, 16384, 40, 0.1, 0.0), (256, 4096, 128, 0.1, 0.0),
+                                                    (256, 4096, 128, 1.0, 3.0), (64, 2048, 16, 0.5, 2.0)])
+def test_selection_is_exactly_the_reference_topk_of_the_dead_columns(B, F, k, dead_frac, shift):
+    pre_BF = pre_activations(B, F, F + B, shift)
+    dead_M = torch.randperm(F, generator=torch.Generator().manual_seed(1))[: int(dead_frac * F)].sort().values
+    kept, vals_N = auxk_select(pre_BF, dead_M, k)
+    # Selections and copies of the same entries, no arithmetic: exact.
+    assert torch.equal(kept.dense(vals_N), dense_reference(pre_BF, dead_M, k))
+    flat = kept.rows * F + kept.cols
+    assert torch.equal(flat, flat.sort().values)  # row-major, as Kept expects
+    assert len(kept) > 0 and bool((vals_N > 0).all())
+
+
+def test_a_tie_straddling_a_tokens_cut_is_broken_as_topk_breaks_it():
+    B, F, k = 64, 4096, 64
+    pre_BF = pre_activations(B, F, 3)
+    cut = torch.relu(pre_BF).topk(k, dim=1).values[5, -1]
+    pre_BF[5, torch.randperm(F, generator=torch.Generator().manual_seed(4))[:4]] = cut  # 5 values share row 5's cut
+    dead_M = torch.arange(F)
+    kept, vals_N = auxk_select(pre_BF, dead_M, k)
+    assert torch.equal(kept.dense(vals_N), dense_reference(pre_BF, dead_M, k))
+    assert torch.bincount(kept.rows, minlength=B).tolist() == [k] * B
+
+
+def dense_auxk_loss(sae, x_BD: torch.Tensor, residual_BD: torch.Tensor, dead_M: torch.Tensor, k: int) -> torch.Tensor:
+    """dictionary_learning 0.1.0's get_auxiliary_loss on a dense code, with autograd through the encoder."""
+    pre_BF = torch.relu((x_BD - sae.b_dec) @ sae.W_enc_DF + sae.b_enc_F)
+    top = pre_BF[:, dead_M].topk(min(k, dead_M.numel()), dim=1, sorted=False)
+    f_BF = torch.zeros_like(pre_BF).scatter(-1, dead_M[top.indices], top.values)
+    l2 = (residual_BD - f_BF @ sae.W_dec_FD).pow(2).sum(dim=-1).mean()
+    mu_D = residual_BD.mean(dim=0)
+    return (l2 / (residual_BD - mu_D).pow(2).sum(dim=-1).mean()).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("arch,dead_frac", [("batchtopk", 1.0), ("batchtopk", 0.1), ("matryoshka", 1.0),
+                                            ("matryoshka", 0.1)])
+def test_trainer_auxk_loss_and_gradients_equal_the_dense_reference(arch, dead_frac):
+    torch.manual_seed(0)
+    D, F, B = 64, 4096, 128
+    sae = BatchTopKSAE(D, F, 8) if arch == "batchtopk" else MatryoshkaBatchTopKSAE(D, F, 8, [1024, 3072])
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc_F.normal_(0, 0.1)
+    trainer = Trainer(sae, 10, warmup_steps=1)
+    dead_M = torch.arange(0, F, int(1 / dead_frac))
+    trainer.num_tokens_since_fired[dead_M] = trainer.dead_feature_threshold
+    x_BD = torch.randn(B, D) * 2 + 1
+    residual_BD = torch.randn(B, D)
+    with torch.no_grad():
+        hidden_pre_BF = sae.hidden_pre(x_BD)
+
+    ours = trainer._auxk_loss(x_BD, residual_BD, hidden_pre_BF)
+    ours.backward()
+    ours_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    reference = dense_auxk_loss(sae, x_BD, residual_BD, dead_M, D // 2)
+    reference.backward()
+
+    assert trainer.dead == dead_M.numel()
+    assert_close_to_scale(ours.detach(), reference.detach(), what="aux-k loss")
+    assert float(reference.detach()) > 0.1  # the aux-k latents reconstruct part of the residual: a real comparison
+    for name, p in sae.named_parameters():
+        assert_close_to_scale(ours_grads[name], p.grad, what=name)
+        assert p.grad.abs().max() > 0 or name == "b_dec"
+
+
+def test_no_dead_latent_means_no_auxk_loss():
+    sae = BatchTopKSAE(16, 64, 4)
+    trainer = Trainer(sae, 10, warmup_steps=1)
+    x_BD = torch.randn(8, 16)
+    with torch.no_grad():
+        loss = trainer._auxk_loss(x_BD, torch.randn(8, 16), sae.hidden_pre(x_BD))
+    assert float(loss) == 0.0 and trainer.dead == 0
