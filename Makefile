@@ -19,9 +19,10 @@ $(UV):
 	$(TOOLS)/bin/python -m pip install -q uv==$(UV_VERSION)
 
 # Reinstall when the lock changes. The reference extra (dictionary-learning, sae-lens) is installed too:
-# the parity tests and `workbench verify` run those libraries in separate processes.
+# the parity tests and `workbench verify` run those libraries in separate processes. So are both tracker
+# extras: the tracker tests write real TensorBoard event files and offline wandb runs.
 $(STAMP): pyproject.toml uv.lock $(UV)
-	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --python $(PYTHON) --extra reference --extra dev
+	UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --python $(PYTHON) --extra reference --extra tensorboard --extra wandb --extra dev
 	touch $(STAMP)
 
 # Refresh uv.lock after changing the dependencies in pyproject.toml (then `make test`, and commit both).

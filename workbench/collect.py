@@ -55,6 +55,7 @@ from workbench.model import (
     resolve_layers,
 )
 from workbench.sink import FIRST_TOKEN, SINK, drop_reasons, first_token_mask, keep_mask, sink_filter
+from workbench.tracking import check_trackers, tracker_run
 
 
 def cache_identity(recipe: Recipe) -> dict:
@@ -203,6 +204,7 @@ def collect(recipe: Recipe, model: torch.nn.Module | None = None, tokenizer=None
     by default they are loaded here. Returns the cache's summary (with this run's speed on the main process).
     A second `collect` on the same collect.out fails at once while this one runs (the folder's lock).
     """
+    check_trackers(recipe)
     state = process_state(cpu=recipe.collect.device == "cpu")
     with _Interrupts() as interrupts, _CacheLock(Path(recipe.collect.out)) as lock:
         return _collect(recipe, model, tokenizer, state, interrupts, lock)
@@ -295,8 +297,23 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
     summary.seconds = seconds
     if state.is_main_process:
         print(summary.table())
+    with tracker_run(recipe, "collect", to_dict(recipe), state.is_main_process) as track:
+        track(_tracked(summary), summary.shards)
     state.wait_for_everyone()
     return summary
+
+
+def _tracked(summary: Summary) -> dict[str, float]:
+    """The collection statistics sent to the trackers: the cache's size, this run's speed, and per layer
+    the fractions of stored tokens dropped as sinks and as first tokens."""
+    values = {"tokens": summary.tokens, "sequences": summary.sequences, "shards": summary.shards,
+              "bytes": summary.bytes, "tokens_this_run": summary.tokens_this_run}
+    if summary.seconds > 0:
+        values["tokens_per_s"] = summary.tokens_this_run / summary.seconds
+    for layer, s in summary.layers.items():
+        values |= {f"layer_{layer}/kept": s.kept, f"layer_{layer}/sink_rate": s.sink / max(summary.tokens, 1),
+                   f"layer_{layer}/first_token_rate": s.first_token / max(summary.tokens, 1)}
+    return values
 
 
 class _Writes:

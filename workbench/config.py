@@ -141,6 +141,20 @@ class ExportConfig:
     allow_uncalibrated: bool = False  # export an SAE whose threshold was never set (-1)
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment trackers through Accelerate's tracking API, on the main process only. Not part of any
+    fingerprint: turning a tracker on or off changes no cache and no SAE."""
+
+    log_with: list[str] = field(default_factory=list)  # tensorboard | wandb; empty: off
+    project: str = "sae-workbench"  # the wandb project; TensorBoard's folder under `dir`
+    run: str | None = None  # null: the name of the folder holding train.out (checkpoints/demo/saes -> demo)
+    dir: str | None = None  # TensorBoard event files and wandb's run folders; null: <train.out>/trackers
+
+
 @dataclass
 class FeaturesConfig:
     """`workbench features` in the pipeline: each SAE's max-activating examples and feature pages."""
@@ -174,6 +188,7 @@ class Recipe:
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
@@ -489,6 +504,14 @@ def validate(recipe: Recipe) -> None:
                              "'_' and '-', starting with a letter or digit; or null for the default")
     _positive("eval.num_tokens", recipe.eval.num_tokens)
     _positive("eval.batch_size", recipe.eval.batch_size)
+    tr = recipe.tracking
+    for name in tr.log_with:
+        _choice("tracking.log_with entry", name, TRACKERS)
+    if len(set(tr.log_with)) != len(tr.log_with):
+        raise WorkbenchError(f"tracking.log_with lists a tracker twice (got {tr.log_with}); list each once")
+    if tr.run is not None and not SERIES_NAME.fullmatch(tr.run):
+        raise WorkbenchError(f"tracking.run {tr.run!r} must be one folder name: letters, digits, '.', '_' and '-', "
+                             "starting with a letter or digit; or null for the default")
     _positive("features.top", recipe.features.top)
     if type(recipe.features.window) is not int or recipe.features.window < 0:
         raise WorkbenchError(f"features.window must be an integer >= 0 (got {recipe.features.window!r})")
@@ -604,6 +627,7 @@ __all__ = [
     "ModelConfig",
     "Recipe",
     "SAEConfig",
+    "TrackingConfig",
     "TrainConfig",
     "fingerprint",
     "load_recipe",

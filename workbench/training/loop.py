@@ -58,6 +58,7 @@ from workbench.metrics import evaluate_sae
 from workbench.provenance import Provenance
 from workbench.sae import SAE
 from workbench.sae.registry import ARCHITECTURES
+from workbench.tracking import Log, check_trackers, tracker_run
 from workbench.training.step import Trainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -88,6 +89,7 @@ def train(recipe: Recipe) -> list[Path]:
     from accelerate import Accelerator
 
     t = recipe.train
+    check_trackers(recipe)
     acc = Accelerator()
     if t.data_lanes % acc.num_processes:
         raise WorkbenchError(f"train.data_lanes ({t.data_lanes}) must be a multiple of the number of processes "
@@ -215,33 +217,8 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
     log_every = max(1, min(100, plan.steps // 500))
     bar = progress(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}", disable=not acc.is_main_process)
     tick, tick_step = time.perf_counter(), start
-    try:  # the bar ends its line, so that an error is printed on its own
-        for step in range(start, plan.steps):
-            x_BD = next(batches).to(acc.device, non_blocking=True) / norm_factor
-            log = (step + 1) % log_every == 0 or step + 1 == plan.steps
-            logs = [trainer.update(x_BD, log=log) for trainer in trainers]
-            bar.update(1)
-            save = (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps  # the last: a kill while finishing redoes only that
-            if log or save:  # before anything records this step: a checkpoint must never hold NaN weights
-                _stop_if_nonfinite(trainers, t.saes, layer, plan, checkpoint_path)
-            if log:
-                now = time.perf_counter()
-                tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
-                tick, tick_step = now, step + 1
-                if acc.is_main_process:
-                    for folder, entry in zip(folders, logs, strict=True):
-                        _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
-                                                           **entry, "tokens_per_s": tokens_per_s})
-                    first = logs[0]
-                    bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
-                                    FVE=f"{first['frac_variance_explained']:.3f}",
-                                    dead=f"{first['dead'] / t.saes[0].width:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            if save:
-                _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
-    finally:
-        bar.close()
 
-    def finish() -> None:
+    def finish(track: Log) -> None:
         # Every SAE of the layer is checked and evaluated before the first file is written.
         outputs = [_finish(recipe, cache, layer, cfg, trainer, plan, norm_factor)
                    for trainer, cfg in zip(trainers, t.saes, strict=True)]
@@ -249,9 +226,40 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
             dl_format.save_folder(sae, folder, config, eval_results)
             plot_curves(folder / METRICS, folder / CURVES,
                         title=f"layer {layer} {cfg.name} ({cfg.arch}, width {cfg.width}, k {cfg.k})")
+            track({f"{cfg.name}/eval/{key}": value for key, value in eval_results.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}, plan.steps)
         checkpoint_path.unlink(missing_ok=True)
 
-    on_main_first(acc, finish)
+    with tracker_run(recipe, f"layer_{layer}", to_dict(recipe), acc.is_main_process, resume_step=start) as track:
+        try:  # the bar ends its line, so that an error is printed on its own
+            for step in range(start, plan.steps):
+                x_BD = next(batches).to(acc.device, non_blocking=True) / norm_factor
+                log = (step + 1) % log_every == 0 or step + 1 == plan.steps
+                logs = [trainer.update(x_BD, log=log) for trainer in trainers]
+                bar.update(1)
+                save = (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps  # the last: a kill while finishing redoes only that
+                if log or save:  # before anything records this step: a checkpoint must never hold NaN weights
+                    _stop_if_nonfinite(trainers, t.saes, layer, plan, checkpoint_path)
+                if log:
+                    now = time.perf_counter()
+                    tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
+                    tick, tick_step = now, step + 1
+                    if acc.is_main_process:
+                        for folder, entry in zip(folders, logs, strict=True):
+                            _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
+                                                               **entry, "tokens_per_s": tokens_per_s})
+                        track({f"{cfg.name}/{key}": value for cfg, entry in zip(t.saes, logs, strict=True)
+                               for key, value in {**entry, "dead_fraction": entry["dead"] / cfg.width,
+                                                  "tokens_per_s": tokens_per_s}.items()}, step + 1)
+                        first = logs[0]
+                        bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
+                                        FVE=f"{first['frac_variance_explained']:.3f}",
+                                        dead=f"{first['dead'] / t.saes[0].width:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                if save:
+                    _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
+        finally:
+            bar.close()
+        on_main_first(acc, lambda: finish(track))
     return folders
 
 
