@@ -13,6 +13,9 @@
     workbench features SAE --out DIR             each latent's top examples and sink report, as static HTML
     workbench status RECIPE|RUN                  where a pipeline stands: each stage, step, ETA, disk, last error
     workbench upload EXPORT --repo-id OWNER/NAME an export folder to the hub, in its published layout
+    workbench attribute RECIPE SAE --prompt TEXT --target TOKEN --out DIR   sink-safe attribution patching
+
+An SAE folder argument may also be a hub reference, hf://OWNER/NAME[@REVISION]/PATH (workbench.hub).
 
 Every command takes --progress-every SECONDS: the interval of the plain progress lines written when
 stderr is not a terminal (a log file), default 30 (the WORKBENCH_PROGRESS_EVERY environment variable).
@@ -179,7 +182,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae", help="a dictionary_learning SAE folder (ae.pt + config.json), or a run directory "
-                               "(train.out): every SAE under it, with one model load")
+                               "(train.out): every SAE under it, with one model load; or hf://OWNER/NAME[@REVISION]/PATH "
+                               "(nothing is written into the hub cache)")
     p.add_argument("rest", nargs="*", metavar="[RECIPE] [key=value ...]",
                    help="the recipe the SAE was trained with (text, model dtype, eval section; default: built-in "
                         "defaults with the SAE's trainer.lm_name), then dotlist overrides, e.g. eval.num_tokens=4096")
@@ -236,21 +240,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="an SAE folder in either format (detected)")
+    p.add_argument("src", help="an SAE folder in either format (detected), or hf://OWNER/NAME[@REVISION]/PATH")
     _target_args(p, "destination folder")
     p.add_argument("--k", type=_positive_int, help="the training k, for a SAELens jumprelu SAE that does not record it")
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from workbench.hub import resolve_sae_path
     from workbench.verify import format_report, verify
 
-    checks = verify(args.dir, cache=args.cache, tolerance=args.tolerance)
-    print(format_report(checks, args.dir))
+    root = resolve_sae_path(args.dir)
+    checks = verify(root, cache=args.cache, tolerance=args.tolerance)
+    print(format_report(checks, root))
     return 0 if all(c.ok for c in checks) else 1
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="a folder of SAE folders (either format), searched recursively")
+    p.add_argument("dir", help="a folder of SAE folders (either format), searched recursively, or hf://OWNER/NAME[@REVISION]/PATH")
     p.add_argument("--cache", type=_text, help="also compare on real activations from this cache")
     p.add_argument("--tolerance", type=_tolerance, default=1e-5,
                    help="max difference, relative to the magnitude of the terms each output sums (default: 1e-5)")
@@ -270,7 +276,8 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def _features_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sae", help="an SAE folder (either format), or a folder of them (train.out, an export)")
+    p.add_argument("sae", help="an SAE folder (either format), or a folder of them (train.out, an export), or "
+                               "hf://OWNER/NAME[@REVISION]/PATH")
     p.add_argument("--out", required=True, type=_text, help="folder for features.json and the HTML pages")
     p.add_argument("--cache", type=_text, help="activation cache with the SAE's layer (default: the one it records)")
     p.add_argument("--top", type=_positive_int, default=20, help="top activating tokens per latent (default: 20)")
@@ -310,6 +317,33 @@ def _upload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print each file and its repo path; send nothing")
 
 
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from workbench.attribution import HEATMAP_FILE, REPORT_FILE, attribute_command
+
+    doc = attribute_command(args.recipe, args.sae, args.prompt, args.target, args.baseline, args.out,
+                            features=args.features, top=args.top, layer=args.layer)
+    best = doc["top"][0] if doc["top"] else None
+    print(f"{args.out}/{REPORT_FILE}, {args.out}/{HEATMAP_FILE}: metric {doc['metric']['value']:.4g}; "
+          f"{len(doc['excluded'])} tokens excluded by the filter"
+          + (f"; top latent {best['latent']} at position {best['position']} ({best['token']!r}): {best['attribution']:.4g}"
+             if best else ""))
+    return 0
+
+
+def _attribute_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="the recipe of the SAE's model (its model section is used)")
+    p.add_argument("sae", help="one SAE folder (either format) or hf://OWNER/NAME[@REVISION]/PATH")
+    p.add_argument("--prompt", required=True, type=_text, help="the text to attribute")
+    p.add_argument("--target", required=True, help="the target token (one token, e.g. ' Paris' with its space)")
+    p.add_argument("--baseline", help="the baseline token: the metric is logit(target) - logit(baseline) at the last "
+                                      "position (default: logit(target))")
+    p.add_argument("--out", required=True, type=_text, help="folder for attribution.json and attribution.png")
+    p.add_argument("--features", type=_text, help="the SAE's feature-page folder (`workbench features --out`): links "
+                                                  "each latent to its page")
+    p.add_argument("--top", type=_positive_int, default=20, help="top attributions listed and plotted (default: 20)")
+    p.add_argument("--layer", type=_count, help="the decoder layer, for an SAE that records none")
+
+
 def _interval(text: str) -> float:
     value = _tolerance(text)
     if value == 0:
@@ -342,6 +376,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
                _status_args),
     "upload": (cmd_upload, "upload an export folder (either format, with its model card) to a hub model repo",
                _upload_args),
+    "attribute": (cmd_attribute, "attribution patching of an SAE's latents on a prompt, sinks and first tokens "
+                                 "excluded as in training", _attribute_args),
 }
 
 
