@@ -221,3 +221,43 @@ def test_more_ranks_than_blocks_leaves_some_ranks_empty_and_still_covers_everyth
         assert sum(1 for s in shares if not s) == 7
         got = _rows([b for s in shares for b in s])
         assert np.array_equal(got, _rows([torch.from_numpy(cache.read(3)["activations"])]))
+
+
+@pytest.mark.parametrize(("window_bytes", "multiple"), [(4 << 16, None), (256 << 20, None), (4 << 16, 1.5)])
+def test_a_pass_resumed_from_any_position_gives_the_batches_that_followed_it(caches, window_bytes, multiple):
+    """The checkpoint's read position: from the position after batch i, the same pass (rank 1 of 2, holdout,
+    small windows carrying rows across, a re-filter) goes on with batch i + 1, bit for bit, through a
+    round trip as a checkpoint stores it."""
+    import io
+
+    from workbench.cache import ReadPosition
+
+    kw = dict(seed=5, rank=1, world_size=2, holdout_fraction=0.1, window_bytes=window_bytes, sink_multiple=multiple)
+    with ActivationCache(caches["m10"]) as cache:
+        straight = list(cache.positioned_batches(1, 96, **kw))
+        assert len(straight) > 8
+        for i in (0, 1, len(straight) // 2, len(straight) - 2, len(straight) - 1):
+            buf = io.BytesIO()
+            torch.save(straight[i][1].to_state(), buf)
+            buf.seek(0)
+            position = ReadPosition.from_state(torch.load(buf, weights_only=True))
+            rest = [x for x, _ in cache.positioned_batches(1, 96, start=position, **kw)]
+            assert len(rest) == len(straight) - i - 1
+            assert all(torch.equal(a, b) for a, b in zip(rest, (x for x, _ in straight[i + 1:]), strict=True)), i
+        assert [x.numpy().tobytes() for x, _ in straight] == [x.numpy().tobytes() for x in cache.batches(1, 96, **kw)]
+
+
+def test_a_resume_reads_one_window_however_far_the_pass_got(caches):
+    kw = dict(seed=2, window_bytes=4 << 16)
+    with ActivationCache(caches["m10"]) as cache:
+        straight = list(cache.positioned_batches(1, 64, **kw))
+        per_window, blocks = straight[0][1].per_window, straight[0][1].blocks
+        assert blocks >= 4 * per_window  # several windows, so the two positions lie in different ones
+        costs = []
+        for i in (len(straight) // 10, len(straight) * 9 // 10):
+            before = cache.blocks_read
+            next(cache.positioned_batches(1, 64, start=straight[i][1], **kw))
+            costs.append(cache.blocks_read - before)
+        assert costs == [per_window, per_window]
+        with pytest.raises(ValueError, match="the read position is of another pass"):
+            next(cache.positioned_batches(1, 32, start=straight[0][1], **kw))

@@ -14,9 +14,9 @@ from workbench.cache.layout import (
     to_stored,
     verify_shard,
 )
-from workbench.cache.reader import ActivationCache, prefetch
+from workbench.cache.reader import ActivationCache, ReadPosition, prefetch
 from workbench.cache.writer import ShardWriter, write_error
 
-__all__ = ["ActivationCache", "LayerStats", "Manifest", "ShardCheck", "ShardWriter", "Summary", "chunk_rows",
+__all__ = ["ActivationCache", "LayerStats", "Manifest", "ReadPosition", "ShardCheck", "ShardWriter", "Summary", "chunk_rows",
            "from_stored", "meta_chunk_rows", "prefetch", "shard_is_complete", "to_stored", "verify_shard",
            "write_error"]

@@ -36,6 +36,44 @@ from workbench.errors import WorkbenchError
 from workbench.sink import FIRST_TOKEN, drop_reasons, is_sink, keep_mask
 
 
+@dataclass(frozen=True)
+class ReadPosition:
+    """Where a pass of `ActivationCache.positioned_batches` stands: the next batch is batch `batch` of the
+    window that starts at block `window` of the pass's block order. The window is rebuilt from `carry_BD`
+    (the rows it started with, as stored: fewer than a batch) and its blocks, and shuffled again from `rng`
+    (the generator's state before the window's permutation). blocks, per_window, batch_size identify the pass."""
+
+    window: int
+    batch: int
+    rng: dict
+    carry_BD: np.ndarray
+    blocks: int
+    per_window: int
+    batch_size: int
+
+    def to_state(self) -> dict:
+        """As tensors, numbers and strings (a checkpoint is read with torch.load(weights_only=True))."""
+        return {"window": self.window, "batch": self.batch, "rng": _rng_to_state(self.rng),
+                "carry": torch.from_numpy(self.carry_BD), "blocks": self.blocks, "per_window": self.per_window,
+                "batch_size": self.batch_size}
+
+    @classmethod
+    def from_state(cls, state: dict) -> ReadPosition:
+        return cls(state["window"], state["batch"], _rng_from_state(state["rng"]), state["carry"].numpy(),
+                   state["blocks"], state["per_window"], state["batch_size"])
+
+
+def _rng_to_state(state: dict) -> dict:
+    """numpy's PCG64 state holds 128-bit integers: kept as their decimal text."""
+    return {"bit_generator": state["bit_generator"], "state": str(state["state"]["state"]),
+            "inc": str(state["state"]["inc"]), "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
+def _rng_from_state(state: dict) -> dict:
+    return {"bit_generator": state["bit_generator"], "state": {"state": int(state["state"]), "inc": int(state["inc"])},
+            "has_uint32": state["has_uint32"], "uinteger": state["uinteger"]}
+
+
 class _ChunkReader:
     """Reads rows of one activation chunk of a shard into a buffer.
 
@@ -150,6 +188,7 @@ class ActivationCache:
         self._readers: dict[tuple[int, int], _ChunkReader] = {}
         self._spare_windows: list[np.ndarray] = []
         self._lock = threading.Lock()
+        self.blocks_read = 0  # activation blocks read by the batch readers since the cache was opened
 
     def _h5(self, shard: int) -> h5py.File:
         """An open shard, checked against the manifest (size, completeness, token count, datasets)."""
@@ -368,6 +407,7 @@ class ActivationCache:
         name = f"layer_{layer}/activations"
         shards = np.searchsorted(self._first_block, indices, side="right") - 1
         starts = (indices - self._first_block[shards]) * R
+        self.blocks_read += len(indices)
         for shard, start in zip(shards.tolist(), starts.tolist(), strict=True):
             n = min(R, self._shard_tokens[shard] - start)
             chunk = out[at: at + n]
@@ -417,6 +457,31 @@ class ActivationCache:
         (None: as collected). With drop_last, a final partial batch is dropped; without it, every kept
         token of the rank's share comes exactly once.
         """
+        for x_BD, _ in self.positioned_batches(layer, batch_size, shuffle=shuffle, seed=seed, rank=rank,
+                                               world_size=world_size, sink_multiple=sink_multiple,
+                                               holdout_fraction=holdout_fraction, split=split,
+                                               window_bytes=window_bytes, drop_last=drop_last):
+            yield x_BD
+
+    def positioned_batches(
+        self,
+        layer: int,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        sink_multiple: float | None = None,
+        holdout_fraction: float = 0.0,
+        split: str = "train",
+        window_bytes: int = 256 << 20,
+        drop_last: bool = True,
+        start: ReadPosition | None = None,
+    ) -> Iterator[tuple[torch.Tensor, ReadPosition]]:
+        """`batches`, each with the position after it: the same pass given `start=` that position goes on
+        with the next batch, reading only the window that batch is in (one window_bytes), so a resume
+        costs the same however far the pass got. The final partial batch (drop_last=False) has no
+        position to resume from: its position is the end of the pass."""
         if split not in ("train", "holdout", "all"):
             raise ValueError(f"split must be train, holdout or all (got {split!r})")
         if not 0 <= rank < world_size:
@@ -434,19 +499,33 @@ class ActivationCache:
         per_window = max(1, window_bytes // (self._chunk_rows * self.d_model * np.dtype(dtype).itemsize))
         per_window = max(1, min(per_window, len(mine)))
         window = self._take_window((per_window * self._chunk_rows + batch_size, self.d_model), dtype)
+        first_window, skip, carry_BD = 0, 0, window[:0]
+        if start is not None:
+            if start.blocks != len(mine) or start.per_window != per_window or start.batch_size != batch_size:
+                raise ValueError(f"the read position is of another pass ({start.blocks} blocks, {start.per_window} a "
+                                 f"window, batch {start.batch_size}; this one: {len(mine)}, {per_window}, {batch_size})")
+            first_window, skip, carry_BD = start.window, start.batch, start.carry_BD
+            rng.bit_generator.state = start.rng
         try:
-            filled = 0  # rows in the window; the first ones are the previous window's remainder
-            for w in range(0, len(mine), per_window):
+            window[: len(carry_BD)] = carry_BD
+            filled = len(carry_BD)  # rows in the window; the first ones are the previous window's remainder
+            for w in range(first_window, len(mine), per_window):
+                carry_BD = window[:filled].copy()  # what this window starts with: part of every position in it
+                rng_state = rng.bit_generator.state
                 filled = self._read_blocks_into(layer, mine[w: w + per_window], sink_multiple, window, filled)
                 perm = rng.permutation(filled) if shuffle else np.arange(filled)
                 n_full = filled // batch_size * batch_size
-                for start in range(0, n_full, batch_size):
-                    yield torch.from_numpy(from_stored(window[perm[start: start + batch_size]], self.store_dtype))
+                for i in range(skip, n_full // batch_size):
+                    x_BD = torch.from_numpy(from_stored(window[perm[i * batch_size: (i + 1) * batch_size]], self.store_dtype))
+                    yield x_BD, ReadPosition(w, i + 1, rng_state, carry_BD, len(mine), per_window, batch_size)
+                skip = 0
                 rest = perm[n_full:]
                 window[: len(rest)] = window[rest]
                 filled = len(rest)
             if filled and not drop_last:
-                yield torch.from_numpy(from_stored(window[:filled].copy(), self.store_dtype))
+                yield (torch.from_numpy(from_stored(window[:filled].copy(), self.store_dtype)),
+                       ReadPosition(len(mine), 0, rng.bit_generator.state, window[:0].copy(), len(mine), per_window,
+                                    batch_size))
         finally:
             with self._lock:
                 self._spare_windows = [window]  # keep one: memory stays bounded by the passes running

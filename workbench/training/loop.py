@@ -20,7 +20,9 @@ fraction).
 
 Resume: re-running the same command continues from the layer's last checkpoint (written atomically
 every train.checkpoint_every steps and after the last step) and ends with the same weights as an
-uninterrupted run. The checkpoint is deleted once every SAE folder of the layer is written. It holds
+uninterrupted run. The checkpoint records each lane's read position (`ReadPosition`: the window, the
+batch in it, the shuffle's RNG state and the rows carried into the window), so a resume re-reads one
+window per lane, not the batches already trained on: its cost does not grow with the step. The checkpoint is deleted once every SAE folder of the layer is written. It holds
 only tensors, numbers, strings, lists and dicts, so it is read with torch.load(weights_only=True): a
 planted checkpoint.pt cannot run code.
 
@@ -45,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workbench.cache import ActivationCache, prefetch
+from workbench.cache import ActivationCache, ReadPosition, prefetch
 from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, schedule_step, to_dict, train_steps
 from workbench.dist import Comm, on_main_first
 from workbench.errors import WorkbenchError
@@ -213,7 +215,9 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
     on_main_first(acc, prepare_folders)
 
     lanes = list(range(acc.process_index, t.data_lanes, acc.num_processes))
-    batches = prefetch(global_batches(cache.root, layer, lanes, t, plan, start))
+    batches = prefetch(global_batches(cache.root, layer, lanes, t, plan, start,
+                                      checkpoint.get("reader") if checkpoint is not None else None))
+    positions: dict[int, dict] = {}
     log_every = max(1, min(100, plan.steps // 500))
     bar = progress(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}", disable=not acc.is_main_process)
     tick, tick_step = time.perf_counter(), start
@@ -233,7 +237,8 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
     with tracker_run(recipe, f"layer_{layer}", to_dict(recipe), acc.is_main_process, resume_step=start) as track:
         try:  # the bar ends its line, so that an error is printed on its own
             for step in range(start, plan.steps):
-                x_BD = next(batches).to(acc.device, non_blocking=True) / norm_factor
+                x_BD, positions = next(batches)
+                x_BD = x_BD.to(acc.device, non_blocking=True) / norm_factor
                 log = (step + 1) % log_every == 0 or step + 1 == plan.steps
                 logs = [trainer.update(x_BD, log=log) for trainer in trainers]
                 bar.update(1)
@@ -256,7 +261,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
                                         FVE=f"{first['frac_variance_explained']:.3f}",
                                         dead=f"{first['dead'] / t.saes[0].width:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                 if save:
-                    _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers)
+                    _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers, positions)
         finally:
             bar.close()
         on_main_first(acc, lambda: finish(track))
@@ -339,33 +344,43 @@ def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: Layer
     return factor
 
 
-def global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, plan: LayerPlan, start: int) -> Iterator[torch.Tensor]:
+def global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, plan: LayerPlan, start: int,
+                   positions: dict[int, dict] | None) -> Iterator[tuple[torch.Tensor, dict[int, dict]]]:
     """This process's share of the global batches of steps start..steps-1: one batch from each of its
-    lanes, concatenated."""
+    lanes, concatenated, each with the lanes' read positions after it (what a checkpoint records).
+    positions: the checkpoint's, by lane; None (a checkpoint written before reader positions existed)
+    skips the first `start` batches of each lane by reading them."""
     with ActivationCache(root) as cache:  # its own file handles: this runs in the prefetch thread
-        streams = [_lane(cache, layer, lane, t, plan, skip=start) for lane in lanes]
+        streams = [_lane(cache, layer, lane, t, plan, None if positions is None else positions[lane],
+                         skip=start if positions is None else 0) for lane in lanes]
         for _ in range(start, plan.steps):
-            yield torch.cat([next(s) for s in streams])
+            batch = [next(s) for s in streams]
+            yield torch.cat([x_BD for x_BD, _ in batch]), {lane: pos for lane, (_, pos) in zip(lanes, batch, strict=True)}
 
 
-def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: LayerPlan, skip: int) -> Iterator[torch.Tensor]:
+def _lane(cache: ActivationCache, layer: int, lane: int, t: TrainConfig, plan: LayerPlan, position: dict | None,
+          skip: int = 0) -> Iterator[tuple[torch.Tensor, dict]]:
     """Lane `lane` of the training split, epoch after epoch (epoch e shuffled with seed
-    seed * 100003 + e, shared by all lanes so that they partition the blocks), after `skip` batches."""
+    seed * 100003 + e, shared by all lanes so that they partition the blocks), from `position`
+    ({"epoch", "reader": ReadPosition.to_state()}, None: the start) or after `skip` batches; each batch
+    with the position after it."""
     lane_batch = t.batch_size // t.data_lanes
-    epoch = 0
+    epoch = 0 if position is None else position["epoch"]
+    start = None if position is None else ReadPosition.from_state(position["reader"])
     while True:
         n = 0
-        for x_BD in cache.batches(layer, lane_batch, seed=t.seed * 100003 + epoch, rank=lane, world_size=t.data_lanes,
-                                  holdout_fraction=plan.holdout_fraction):
+        for x_BD, after in cache.positioned_batches(layer, lane_batch, seed=t.seed * 100003 + epoch, rank=lane,
+                                                    world_size=t.data_lanes, holdout_fraction=plan.holdout_fraction,
+                                                    start=start):
             n += 1
             if skip:
                 skip -= 1
                 continue
-            yield x_BD
-        if n == 0:
+            yield x_BD, {"epoch": epoch, "reader": after.to_state()}
+        if n == 0 and start is None:
             raise WorkbenchError(f"lane {lane} of {t.data_lanes} got no batch of {lane_batch} tokens from layer {layer}: "
                                  "the cache is too small for these lanes; lower train.data_lanes or train.batch_size")
-        epoch += 1
+        epoch, start = epoch + 1, None
 
 
 def _finish(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer, plan: LayerPlan,
@@ -470,12 +485,18 @@ def _is_complete(folder: Path, plan: LayerPlan, t: TrainConfig) -> bool:
     return True
 
 
-def _write_checkpoint(acc, path: Path, plan: LayerPlan, step: int, norm_factor: float, trainers: list[Trainer]) -> None:
-    """All SAEs of the layer with their optimiser state, counters, data position (the step) and RNG,
-    written atomically (files.write_atomic), so a kill or a full disk leaves the previous one intact."""
+def _write_checkpoint(acc, path: Path, plan: LayerPlan, step: int, norm_factor: float, trainers: list[Trainer],
+                      positions: dict[int, dict]) -> None:
+    """All SAEs of the layer with their optimiser state, counters, the step, every lane's read position
+    (gathered from the processes: a resume reads on from there, whatever the number of processes) and
+    RNG, written atomically (files.write_atomic), so a kill or a full disk leaves the previous one intact."""
+    from accelerate.utils import gather_object
+
+    reader = {lane: pos for part in gather_object([positions]) for lane, pos in part.items()}
+
     def write() -> None:
         state = {"version": CHECKPOINT_VERSION, "fingerprint": plan.fingerprint, "step": step, "norm_factor": norm_factor,
-                 "trainers": [trainer.state_dict() for trainer in trainers], "rng": _rng_state()}
+                 "trainers": [trainer.state_dict() for trainer in trainers], "rng": _rng_state(), "reader": reader}
         write_atomic(path, lambda fh: torch.save(state, fh),
                      resume="re-run the same command to resume from the previous checkpoint")
 
