@@ -293,3 +293,18 @@ def test_features_verify_and_fine_tuning_from_a_reference(hub, offline, tmp_path
     torch.testing.assert_close(tuned.encoder.weight, hub["tiny"].encoder.weight, rtol=1e-5, atol=1e-6)
     extra = json.loads((tmp_path / "saes" / "resid_post_layer_2" / "trainer_0" / "config.json").read_text())["workbench"]
     assert extra["init_from"] == f"hf://{TINY}"
+
+
+def test_attribute_takes_a_reference_and_threshold_refuses_one(hub, offline, tmp_path, capsys):
+    """attribute reads the cached folder (its report names the reference); threshold, which writes into the SAE
+    folder, refuses a reference in one line rather than change the hub cache's copy."""
+    ref = f"hf://{TINY}/resid_post_layer_2/trainer_0"
+    out = tmp_path / "attribution"
+    assert main(["attribute", str(DEMO), ref, "--prompt", "The garden heard a song at dawn, and the", "--target", " old",
+                 "--out", str(out)]) == 0
+    doc = json.loads((out / "attribution.json").read_text())
+    assert doc["sae"]["name"] == ref and doc["sae"]["layer"] == 2 and doc["excluded"][0]["status"] == "first token"
+    capsys.readouterr()
+    assert main(["threshold", ref]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a hub reference" in err[-1] and "hf download" in err[-1]

@@ -43,6 +43,7 @@ from workbench.dist import process_state, resolve_device
 from workbench.errors import WorkbenchError
 from workbench.files import fsync_dir, read_json_object, write_atomic, write_error, write_json
 from workbench.formats import dictionary_learning as dl
+from workbench.hub import is_hub_ref
 from workbench.metrics import evaluate_sae, frac_variance_explained
 from workbench.provenance import Provenance, ThresholdHistory
 from workbench.sae import SAE, batch_topk, jumprelu
@@ -189,6 +190,10 @@ def calibrate(folder: str | Path, cache: str | Path | None = None, method: str |
             raise WorkbenchError(f"--{name} (threshold.{name.replace('-', '_')}) must be a positive number of tokens, "
                                  f"got {value!r}; give a positive integer, or leave it out for the default")
     dev = resolve_device(device, process_state(), "--device")
+    if is_hub_ref(folder):  # writing would change the hub cache's copy of the repo
+        raise WorkbenchError(f"{folder} is a hub reference, and `workbench threshold` writes into the SAE folder; "
+                             "download it to a local folder first (`hf download OWNER/NAME --include 'PATH/*' --local-dir "
+                             "DIR`) and calibrate DIR/PATH")
     folder = Path(folder)
     if not folder.is_dir():
         raise WorkbenchError(f"{folder} is not a directory; give an SAE folder (ae.pt + config.json)")
