@@ -86,6 +86,9 @@ def resolve_sae_path(ref: str | PurePath) -> Path:
     except HfHubHTTPError as err:
         raise WorkbenchError(f"{text}: the hub refused the download of {uri.id}{at} "
                              f"({str(err).splitlines()[0][:160]}); check the repo and your login, and run again") from None
+    except OSError as err:  # the cache itself: read-only, full, or not a folder
+        raise WorkbenchError(f"{text}: cannot use the hub cache ({err}); point HF_HUB_CACHE at a writable folder with "
+                             "space, and run again") from None
     folder = Path(snapshot) / path
     if not folder.is_dir() or not any(folder.iterdir()):
         from huggingface_hub import constants
