@@ -150,3 +150,18 @@ def test_settings_come_from_the_folder_and_wrong_ones_are_refused(lm, sae_folder
     with pytest.raises(ValueError, match="pass splice=True"):
         with attach(model, s, keep_error=True):
             pass
+
+
+def test_inputs_embeds_drop_the_first_real_token_of_each_row(lm, sae_folder, batches):
+    """Without input_ids there is no BOS to look for: the first real token of each row is the first token (what
+    collection drops for Qwen); the latents still equal encode_filtered."""
+    _, model, _ = lm
+    s = AttachedSAE.from_folder(sae_folder)
+    b = batches[1]
+    with torch.no_grad(), attach(model, s) as run:
+        model(inputs_embeds=model.get_input_embeddings()(b.input_ids_BL), attention_mask=b.attention_mask_BL)
+    c = run[s.name]
+    first_BL = first_token_mask(b.input_ids_BL, b.attention_mask_BL, None)
+    assert torch.equal(c.first_BL, first_BL) and int(first_BL.sum()) == 4
+    f_BLF, keep_BL = encode_filtered(s.sae, c.resid_BLD, 10.0, b.attention_mask_BL.bool(), "real", first_BL)
+    assert torch.equal(c.latents_BLF, f_BLF) and torch.equal(c.keep_BL, keep_BL)
