@@ -88,8 +88,39 @@ class SAEConfig:
     group_weights: list[float] | None = None  # matryoshka: loss weight per group, >= 0 (default 1/n_groups)
 
 
+TRAIN_ALGORITHMS = ("dictionary_learning", "saelens")  # train.algorithm: whose training step trains the SAEs
+SAELENS_SCHEDULERS = ("constant", "cosineannealing", "cosineannealingwarmrestarts")  # SAELens' lr_scheduler_name
+SAELENS_NORMALIZATIONS = ("none", "expected_average_only_in")  # the SAELens normalize_activations the workbench trains
+
+
+@dataclass
+class SAELensTrainConfig:
+    """train.saelens: how SAELens 6.54.12's SAETrainer trains BatchTopK and Matryoshka BatchTopK SAEs, read
+    when train.algorithm is saelens. SAELens' own names and defaults (LanguageModelSAERunnerConfig,
+    TopKTrainingSAEConfig, BatchTopKTrainingSAEConfig, MatryoshkaBatchTopKTrainingSAEConfig)."""
+
+    lr: float = 3e-4
+    lr_scheduler_name: str = "constant"  # constant | cosineannealing | cosineannealingwarmrestarts
+    lr_warm_up_steps: int = 0  # linear warmup
+    lr_decay_steps: int = 0  # linear decay to 0 over the last steps
+    lr_end: float | None = None  # null: lr / 10 (the cosine schedules' floor; where the decay starts)
+    n_restart_cycles: int = 1  # cosineannealingwarmrestarts only
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    dead_feature_window: int = 1000  # steps without firing after which a latent is dead (counted in steps)
+    aux_loss_coefficient: float = 1.0
+    topk_threshold_lr: float = 0.01  # rate of the threshold's EMA (from step 0, float64)
+    rescale_acts_by_decoder_norm: bool = True  # batch top-k on pre-activations x decoder row norms
+    decoder_init_norm: float | None = 0.1  # decoder rows' norm at initialisation; null: kaiming rows as drawn
+    use_matryoshka_aux_loss: bool = False  # Matryoshka: dead latents reconstruct their own level's residual
+    normalize_activations: str = "none"  # none | expected_average_only_in (x * sqrt(d_in) / mean ||x||)
+    n_batches_for_norm_estimate: int = 1000  # training batches averaged for expected_average_only_in
+
+
 @dataclass
 class TrainConfig:
+    algorithm: str = "dictionary_learning"  # dictionary_learning | saelens (then train.saelens applies)
+    saelens: SAELensTrainConfig = field(default_factory=SAELensTrainConfig)
     cache: str | None = None  # default: collect.out
     layers: list[int] | None = None  # default: every layer in the cache
     saes: list[SAEConfig] = field(default_factory=lambda: [SAEConfig()])
@@ -111,6 +142,15 @@ class TrainConfig:
     data_lanes: int = 8  # the cache is read as this many interleaved streams; processes must divide it
     seed: int = 0
     out: str = "checkpoints/saes"
+
+
+def train_identity(t: TrainConfig) -> dict:
+    """The train section as plain data, for fingerprints: with the default algorithm, without the algorithm
+    keys, so that SAEs and checkpoints from before train.algorithm existed stay valid."""
+    data = to_dict(t)
+    if t.algorithm == TRAIN_ALGORITHMS[0]:
+        del data["algorithm"], data["saelens"]
+    return data
 
 
 def train_steps(t: TrainConfig) -> int:
@@ -560,6 +600,52 @@ def _validate_train(t: TrainConfig) -> None:
         raise WorkbenchError(f"train.saes names must be unique, ignoring case (got {names}): each is a folder")
     for i, sae in enumerate(t.saes):
         _validate_sae(sae, f"train.saes[{i}] ({sae.name})")
+    _choice("train.algorithm", t.algorithm, TRAIN_ALGORITHMS)
+    if t.algorithm == "saelens":
+        _validate_saelens(t)
+
+
+# dictionary_learning's train keys and what SAELens calls them (train.saelens.<key>), or None where it has none.
+_DL_ONLY_KEYS = {"lr": "lr", "warmup_steps": "lr_warm_up_steps", "decay_start": "lr_decay_steps",
+                 "k_anneal_steps": None, "threshold_start_step": None, "threshold_beta": "topk_threshold_lr",
+                 "auxk_alpha": "aux_loss_coefficient", "dead_feature_threshold": "dead_feature_window",
+                 "normalize_activations": "normalize_activations"}
+
+
+def _validate_saelens(t: TrainConfig) -> None:
+    """train.algorithm saelens: dictionary_learning's own keys must be left at their defaults (they would be
+    silently unused), and train.saelens within SAELens' ranges."""
+    defaults = TrainConfig()
+    for key, theirs in _DL_ONLY_KEYS.items():
+        if getattr(t, key) != getattr(defaults, key):
+            instead = f"set train.saelens.{theirs}" if theirs else "SAELens has no such setting"
+            raise WorkbenchError(f"train.{key} is dictionary_learning's setting, unused with train.algorithm saelens: "
+                                 f"remove it ({instead})")
+    for i, sae in enumerate(t.saes):
+        if sae.group_weights is not None:
+            raise WorkbenchError(f"train.saes[{i}] ({sae.name}).group_weights: SAELens adds its Matryoshka levels' losses "
+                                 "unweighted; remove group_weights or set train.algorithm dictionary_learning")
+    s = t.saelens
+    if not (s.lr > 0 and math.isfinite(s.lr)):
+        raise WorkbenchError(f"train.saelens.lr must be > 0 (got {s.lr})")
+    _choice("train.saelens.lr_scheduler_name", s.lr_scheduler_name, SAELENS_SCHEDULERS)
+    _choice("train.saelens.normalize_activations", s.normalize_activations, SAELENS_NORMALIZATIONS)
+    if s.lr_warm_up_steps < 0 or s.lr_decay_steps < 0:
+        raise WorkbenchError(f"train.saelens.lr_warm_up_steps and lr_decay_steps must be >= 0 "
+                             f"(got {s.lr_warm_up_steps}, {s.lr_decay_steps})")
+    lr_end = s.lr / 10 if s.lr_end is None else s.lr_end
+    if not lr_end >= 0 or (s.lr_decay_steps > 0 and s.lr_scheduler_name != "constant" and lr_end == 0):
+        raise WorkbenchError(f"train.saelens.lr_end must be >= 0, and > 0 with lr_decay_steps (got {s.lr_end})")
+    for key in ("n_restart_cycles", "dead_feature_window", "n_batches_for_norm_estimate"):
+        _positive(f"train.saelens.{key}", getattr(s, key))
+    if not (0 <= s.adam_beta1 < 1 and 0 <= s.adam_beta2 < 1):
+        raise WorkbenchError(f"train.saelens.adam_beta1 and adam_beta2 must be in [0, 1) (got {s.adam_beta1}, {s.adam_beta2})")
+    if not s.aux_loss_coefficient >= 0:
+        raise WorkbenchError(f"train.saelens.aux_loss_coefficient must be >= 0 (got {s.aux_loss_coefficient})")
+    if not 0 < s.topk_threshold_lr <= 1:
+        raise WorkbenchError(f"train.saelens.topk_threshold_lr must be in (0, 1] (got {s.topk_threshold_lr})")
+    if s.decoder_init_norm is not None and not s.decoder_init_norm > 0:
+        raise WorkbenchError(f"train.saelens.decoder_init_norm must be > 0, or null (got {s.decoder_init_norm})")
 
 
 def _validate_sae(sae: SAEConfig, where: str) -> None:
@@ -627,11 +713,13 @@ __all__ = [
     "ModelConfig",
     "Recipe",
     "SAEConfig",
+    "SAELensTrainConfig",
     "TrackingConfig",
     "TrainConfig",
     "fingerprint",
     "load_recipe",
     "schedule_step",
     "to_dict",
+    "train_identity",
     "train_steps",
 ]

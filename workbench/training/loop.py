@@ -48,7 +48,16 @@ import numpy as np
 import torch
 
 from workbench.cache import ActivationCache, ReadPosition, prefetch
-from workbench.config import Recipe, SAEConfig, TrainConfig, fingerprint, schedule_step, to_dict, train_steps
+from workbench.config import (
+    Recipe,
+    SAEConfig,
+    TrainConfig,
+    fingerprint,
+    schedule_step,
+    to_dict,
+    train_identity,
+    train_steps,
+)
 from workbench.dist import Comm, on_main_first
 from workbench.errors import WorkbenchError
 from workbench.files import folder_lock, make_dir, read_json_object, write_atomic, write_error, write_text
@@ -173,7 +182,7 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
     if k_anneal is not None and k_anneal >= steps:
         raise WorkbenchError(f"train.k_anneal_steps resolves to {k_anneal} steps, not fewer than the {steps} steps of the run")
     holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
-    identity = {"train": {k: v for k, v in to_dict(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
+    identity = {"train": {k: v for k, v in train_identity(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
                 "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
     return LayerPlan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
 
