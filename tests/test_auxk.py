@@ -1,7 +1,7 @@
 """The aux-k branch: its selection is exactly the reference's (dictionary_learning's
 `relu(pre[:, dead]).topk(D/2, dim=1)` minus zeros) on every route (dead columns gathered, masked in
-place, all latents dead, the exact fallback), and the trainer's aux-k loss and gradients equal a plain
-dense implementation of the reference's."""
+place, all latents dead, the exact fallback), and the trainer's losses and gradients equal a plain dense
+implementation of the reference's."""
 
 from __future__ import annotations
 
@@ -56,52 +56,64 @@ def test_a_tie_straddling_a_tokens_cut_is_broken_as_topk_breaks_it():
     assert torch.bincount(kept.rows, minlength=B).tolist() == [k] * B
 
 
-def dense_auxk_loss(sae, x_BD: torch.Tensor, residual_BD: torch.Tensor, dead_M: torch.Tensor, k: int) -> torch.Tensor:
-    """dictionary_learning 0.1.0's get_auxiliary_loss on a dense code, with autograd through the encoder."""
+def dense_losses(sae, x_BD: torch.Tensor, main_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
+                 group_weights: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """dictionary_learning 0.1.0's two losses on dense codes, autograd through the dense encoder: the
+    main code keeps the entries of main_BF's support, the aux-k code is the reference's topk of the dead
+    columns; (reconstruction loss, aux-k loss)."""
     pre_BF = torch.relu((x_BD - sae.b_dec) @ sae.W_enc_DF + sae.b_enc_F)
-    top = pre_BF[:, dead_M].topk(min(k, dead_M.numel()), dim=1, sorted=False)
-    f_BF = torch.zeros_like(pre_BF).scatter(-1, dead_M[top.indices], top.values)
-    l2 = (residual_BD - f_BF @ sae.W_dec_FD).pow(2).sum(dim=-1).mean()
+    f_BF = pre_BF * (main_BF > 0)
+    if group_weights is None:
+        x_hat_BD = f_BF @ sae.W_dec_FD + sae.b_dec
+        mse = (x_BD - x_hat_BD).pow(2).sum(dim=-1).mean()
+    else:
+        bounds, x_hat_BD, losses = sae.group_bounds, sae.b_dec, []
+        for g, w in enumerate(group_weights):
+            x_hat_BD = x_hat_BD + f_BF[:, bounds[g]:bounds[g + 1]] @ sae.W_dec_FD[bounds[g]:bounds[g + 1]]
+            losses.append(w * (x_BD - x_hat_BD).pow(2).sum(dim=-1).mean())
+        mse = torch.stack(losses).mean()
+    top = pre_BF[:, dead_M].topk(min(k_aux, dead_M.numel()), dim=1, sorted=False)
+    f_aux_BF = torch.zeros_like(pre_BF).scatter(-1, dead_M[top.indices], top.values)
+    residual_BD = (x_BD - x_hat_BD).detach()
+    l2 = (residual_BD - f_aux_BF @ sae.W_dec_FD).pow(2).sum(dim=-1).mean()
     mu_D = residual_BD.mean(dim=0)
-    return (l2 / (residual_BD - mu_D).pow(2).sum(dim=-1).mean()).nan_to_num(0.0)
+    return mse, (l2 / (residual_BD - mu_D).pow(2).sum(dim=-1).mean()).nan_to_num(0.0)
 
 
-@pytest.mark.parametrize("arch,dead_frac", [("batchtopk", 1.0), ("batchtopk", 0.1), ("matryoshka", 1.0),
-                                            ("matryoshka", 0.1)])
-def test_trainer_auxk_loss_and_gradients_equal_the_dense_reference(arch, dead_frac):
+# dead_every 1 with threshold 0: every latent dead, those in the main code too.
+@pytest.mark.parametrize("arch,dead_every", [("batchtopk", 1), ("batchtopk", 10), ("matryoshka", 1),
+                                             ("matryoshka", 10)])
+def test_trainer_losses_and_gradients_equal_the_dense_reference(arch, dead_every):
     torch.manual_seed(0)
-    D, F, B = 64, 4096, 128
-    sae = BatchTopKSAE(D, F, 8) if arch == "batchtopk" else MatryoshkaBatchTopKSAE(D, F, 8, [1024, 3072])
+    D, F, B, k = 64, 4096, 128, 8
+    sae = BatchTopKSAE(D, F, k) if arch == "batchtopk" else MatryoshkaBatchTopKSAE(D, F, k, [1024, 3072])
     with torch.no_grad():
         sae.b_dec.normal_()
         sae.b_enc_F.normal_(0, 0.1)
-    trainer = Trainer(sae, 10, warmup_steps=1)
-    dead_M = torch.arange(0, F, int(1 / dead_frac))
-    trainer.num_tokens_since_fired[dead_M] = trainer.dead_feature_threshold
+    trainer = Trainer(sae, 10, warmup_steps=1, dead_feature_threshold=0 if dead_every == 1 else 10_000)
+    trainer.num_tokens_since_fired[::dead_every] = 10_000
     x_BD = torch.randn(B, D) * 2 + 1
-    residual_BD = torch.randn(B, D)
     with torch.no_grad():
-        hidden_pre_BF = sae.hidden_pre(x_BD)
+        main_BF = sae.encode(x_BD, use_threshold=False)
 
-    ours = trainer._auxk_loss(x_BD, residual_BD, hidden_pre_BF)
-    ours.backward()
-    ours_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    kept, _, mse, auxk = trainer._losses(x_BD, k, B)
+    (mse + auxk).backward()
+    ours = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    reference = dense_auxk_loss(sae, x_BD, residual_BD, dead_M, D // 2)
-    reference.backward()
+    dead_M = torch.nonzero(trainer.num_tokens_since_fired >= trainer.dead_feature_threshold).squeeze(1)
+    ref_mse, ref_auxk = dense_losses(sae, x_BD, main_BF, dead_M, D // 2, trainer.group_weights)
+    (ref_mse + ref_auxk).backward()
 
-    assert trainer.dead == dead_M.numel()
-    assert_close_to_scale(ours.detach(), reference.detach(), what="aux-k loss")
-    assert float(reference.detach()) > 0.1  # the aux-k latents reconstruct part of the residual: a real comparison
+    assert len(kept) == k * B and trainer.dead == dead_M.numel()
+    assert (trainer.dead == F) if dead_every == 1 else (0 < trainer.dead <= F // 10 + 1)
+    assert_close_to_scale(mse.detach(), ref_mse.detach(), what="reconstruction loss")
+    assert_close_to_scale(auxk.detach(), ref_auxk.detach(), what="aux-k loss")
+    assert float(ref_auxk.detach()) > 0.05  # the aux-k latents reconstruct part of the residual
     for name, p in sae.named_parameters():
-        assert_close_to_scale(ours_grads[name], p.grad, what=name)
-        assert p.grad.abs().max() > 0 or name == "b_dec"
+        assert_close_to_scale(ours[name], p.grad, what=name)
 
 
 def test_no_dead_latent_means_no_auxk_loss():
-    sae = BatchTopKSAE(16, 64, 4)
-    trainer = Trainer(sae, 10, warmup_steps=1)
-    x_BD = torch.randn(8, 16)
-    with torch.no_grad():
-        loss = trainer._auxk_loss(x_BD, torch.randn(8, 16), sae.hidden_pre(x_BD))
-    assert float(loss) == 0.0 and trainer.dead == 0
+    trainer = Trainer(BatchTopKSAE(16, 64, 4), 10, warmup_steps=1)
+    _, _, mse, auxk = trainer._losses(torch.randn(8, 16), 4, 8)
+    assert float(auxk.detach()) == 0.0 and trainer.dead == 0 and float(mse.detach()) > 0

@@ -47,7 +47,8 @@ class Kept:
         if self._t_order is None:  # column-major order: sort by (col, row); the keys are unique
             self._t_order = torch.sort(self.cols * self.shape[0] + self.rows).indices
         order = self._t_order
-        return _csr(_crow(self.cols, self.shape[1]), self.rows[order], vals_N[order], self.shape[::-1])
+        return _csr(_crow(self.cols, self.shape[1]), self.rows.index_select(0, order), vals_N.index_select(0, order),
+                    self.shape[::-1])
 
     def dense(self, vals_N: torch.Tensor) -> torch.Tensor:
         out_BF = torch.zeros(self.shape, dtype=vals_N.dtype, device=vals_N.device)
@@ -259,7 +260,7 @@ class _EncodeKept(torch.autograd.Function):
         kept: Kept = ctx.kept
         # Kept entries are positive, so relu passes the gradient unchanged.
         g_b_enc_F = torch.zeros(kept.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, kept.cols, g_N)
-        g_W_enc_FD = kept.csr_t(g_N) @ (x_BD - b_dec_D)
+        g_W_enc_FD = _sparse_times(kept.csr_t(g_N), x_BD - b_dec_D)
         g_b_dec_D = -(W_enc_DF @ g_b_enc_F)
         return None, None, g_b_dec_D, g_W_enc_FD.T, g_b_enc_F, None
 
@@ -281,8 +282,14 @@ class _DecodeKept(torch.autograd.Function):
         g_BD = g_BD.contiguous()
         # d/d f[b, f] = <g[b], W_dec[f]>, evaluated only where f is kept.
         g_vals_N = torch.sparse.sampled_addmm(kept.csr(vals_N), g_BD, W_dec_FD.T, beta=0.0).values()
-        g_W_dec_FD = kept.csr_t(vals_N) @ g_BD
+        g_W_dec_FD = _sparse_times(kept.csr_t(vals_N), g_BD)
         return g_vals_N, g_W_dec_FD, None
+
+
+def _sparse_times(csr_MN: torch.Tensor, dense_ND: torch.Tensor) -> torch.Tensor:
+    """csr @ dense into a fresh [M, D] (addmm_ with beta 0: no zero fill and no copy of the result)."""
+    out_MD = torch.empty(csr_MN.shape[0], dense_ND.shape[1], dtype=dense_ND.dtype, device=dense_ND.device)
+    return out_MD.addmm_(csr_MN, dense_ND, beta=0.0)
 
 
 def encode_kept(sae: SAE, x_BD: torch.Tensor, vals_N: torch.Tensor, kept: Kept) -> torch.Tensor:

@@ -126,20 +126,8 @@ class Trainer:
         if step == 0 and not self.fine_tune:
             sae.b_dec.data.copy_(geometric_median(comm.cat(x_BD)))
 
-        # Encode: dense pre-activations without autograd; the global batch top-k as an index set.
         k = annealed_k(step, self.k, sae.activation_dim, self.k_anneal_steps)
-        with torch.no_grad(), self._autocast():
-            hidden_pre_BF = sae.hidden_pre(x_BD).float()  # before the relu: the selection keeps positives only
-        kept, vals_N = batch_topk_select(hidden_pre_BF, k * B, comm)
-        f_N = encode_kept(sae, x_BD, vals_N, kept)
-        if step > self.threshold_start_step:
-            self._update_threshold(vals_N)
-
-        x_hat_BD, mse = self._reconstruct(x_BD, f_N, kept)
-        fired_F = comm.sum(torch.bincount(kept.cols, minlength=sae.dict_size)) > 0
-        self.num_tokens_since_fired += B
-        self.num_tokens_since_fired[fired_F] = 0
-        auxk = self._auxk_loss(x_BD, (x_BD - x_hat_BD).detach(), hidden_pre_BF)
+        kept, x_hat_BD, mse, auxk = self._losses(x_BD, k, B)
         loss = mse + self.auxk_alpha * auxk
         bad = ~torch.isfinite(loss.detach())
         self._nonfinite_at = torch.where(bad & (self._nonfinite_at == 0), step + 1, self._nonfinite_at)
@@ -167,6 +155,35 @@ class Trainer:
             return {}
         return self._log(x_BD, x_hat_BD, kept, loss, mse, auxk, lr, k)
 
+    def _losses(self, x_BD: torch.Tensor, k: int, B: int) -> tuple[Kept, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Select, update the threshold and the dead counters, and compute the step's two losses:
+        (kept, x_hat [B, D], reconstruction loss, aux-k loss).
+
+        The main and the aux-k codes are encoded and decoded by products of their own, as the reference's
+        two autograd paths: one product over both would sum each weight's gradient in another order,
+        enough to flip a latent at the batch top-k cut within the parity test's 1200 steps (measured)."""
+        sae, comm = self.sae, self.comm
+        # Encode: dense pre-activations without autograd; the global batch top-k as an index set.
+        with torch.no_grad(), self._autocast():
+            hidden_pre_BF = sae.hidden_pre(x_BD).float()  # before the relu: the selection keeps positives only
+        kept, vals_N = batch_topk_select(hidden_pre_BF, k * B, comm)
+        f_N = encode_kept(sae, x_BD, vals_N, kept)
+        if self.step > self.threshold_start_step:
+            self._update_threshold(vals_N)
+        x_hat_BD, mse = self._reconstruct(x_BD, f_N, kept)
+        fired_F = comm.sum(torch.bincount(kept.cols, minlength=sae.dict_size)) > 0
+        self.num_tokens_since_fired += B
+        self.num_tokens_since_fired[fired_F] = 0
+
+        # The aux-k code: each token's top min(D/2, n_dead) dead latents reconstruct the residual.
+        dead_M = torch.nonzero(self.num_tokens_since_fired >= self.dead_feature_threshold).squeeze(1)
+        self.dead = dead_M.numel()
+        if not self.dead:
+            return kept, x_hat_BD, mse, mse.new_zeros(())
+        aux_kept, aux_vals_N = auxk_select(hidden_pre_BF, dead_M, self.top_k_aux)
+        recon_BD = decode_kept(encode_kept(sae, x_BD, aux_vals_N, aux_kept), sae.W_dec_FD, aux_kept)
+        return kept, x_hat_BD, mse, self._auxk_loss((x_BD - x_hat_BD).detach(), recon_BD)
+
     def _reconstruct(self, x_BD: torch.Tensor, f_N: torch.Tensor, kept: Kept) -> tuple[torch.Tensor, torch.Tensor]:
         """x_hat [B, D] and the reconstruction loss (Matryoshka: mean of the weighted prefix losses)."""
         sae = self.sae
@@ -181,17 +198,10 @@ class Trainer:
         weights_G = torch.tensor(self.group_weights, dtype=losses_G.dtype, device=losses_G.device)
         return prefixes_BGD[:, -1], (losses_G * weights_G).mean()
 
-    def _auxk_loss(self, x_BD: torch.Tensor, residual_BD: torch.Tensor, hidden_pre_BF: torch.Tensor) -> torch.Tensor:
-        """The top min(D/2, n_dead) dead latents of each token reconstruct the residual (no b_dec);
-        normalised by the residual's variance around its batch mean (OpenAI's rule); NaN -> 0."""
-        sae, comm = self.sae, self.comm
-        dead_idx = torch.nonzero(self.num_tokens_since_fired >= self.dead_feature_threshold).squeeze(1)
-        self.dead = dead_idx.numel()
-        if self.dead == 0:
-            return residual_BD.new_zeros(())
-        kept, vals_N = auxk_select(hidden_pre_BF, dead_idx, self.top_k_aux)
-        f_aux_N = encode_kept(sae, x_BD, vals_N, kept)
-        recon_BD = decode_kept(f_aux_N, sae.W_dec_FD, kept)
+    def _auxk_loss(self, residual_BD: torch.Tensor, recon_BD: torch.Tensor) -> torch.Tensor:
+        """The aux-k code's reconstruction recon_BD (no b_dec) of the residual, normalised by the
+        residual's variance around its batch mean (OpenAI's rule); NaN -> 0."""
+        comm = self.comm
         l2_aux = (residual_BD - recon_BD).pow(2).sum(dim=-1).mean()
         mu_D = comm.batch_mean(residual_BD)
         denominator = comm.batch_mean((residual_BD - mu_D).pow(2).sum(dim=-1))
