@@ -45,6 +45,17 @@ def test_selection_is_exactly_the_reference_topk_of_the_dead_columns(B, F, k, de
     assert len(kept) > 0 and bool((vals_N > 0).all())
 
 
+@pytest.mark.parametrize("dead_frac", [1.0, 0.6, 0.1])
+def test_selection_with_the_bias_apart_is_the_reference_topk_of_the_biased_values(dead_frac):
+    B, F, k = 128, 16384, 64
+    pre_BF = pre_activations(B, F, 5)
+    bias_F = torch.randn(F, generator=torch.Generator().manual_seed(6)) * 0.5
+    dead_M = torch.arange(0, F, int(1 / dead_frac))
+    expected_BF = dense_reference(pre_BF + bias_F, dead_M, k)
+    kept, vals_N = auxk_select(pre_BF.clone(), dead_M, k, bias_F)
+    assert torch.equal(kept.dense(vals_N), expected_BF)
+
+
 def test_a_tie_straddling_a_tokens_cut_is_broken_as_topk_breaks_it():
     B, F, k = 64, 4096, 64
     pre_BF = pre_activations(B, F, 3)

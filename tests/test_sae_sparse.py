@@ -59,6 +59,26 @@ def test_selection_is_exactly_the_full_topk_index_set(B, F, k, density):
     assert torch.equal(batch_topk(pre_BF, k), kept.dense(vals_N))
 
 
+@pytest.mark.parametrize("B,F,k", [(256, 4096, 32), (128, 1024, 16), (64, 256, 8)])
+def test_selection_with_the_bias_apart_is_the_topk_of_the_biased_values(B, F, k):
+    g = torch.Generator().manual_seed(B * F)
+    product_BF = torch.randn(B, F, generator=g)
+    bias_F = torch.randn(F, generator=g) * 0.5  # latents' cuts differ: the compare runs against cut - bias
+    kept, vals_N = batch_topk_select(product_BF, k * B, bias_F=bias_F)
+    pre_BF = product_BF + bias_F
+    assert set((kept.rows * F + kept.cols).tolist()) == _topk_set(pre_BF, k * B)
+    assert torch.equal(vals_N, pre_BF[kept.rows, kept.cols])  # the same one addition: exact
+    # Values on a 1/1024 grid, biases on a 1/8 grid: every sum is exact, and ties straddle the cut.
+    product_BF, bias_F = (product_BF * 1024).round() / 1024, (bias_F * 8).round() / 8
+    cut = torch.relu(product_BF + bias_F).flatten().topk(k * B).values[-1]
+    product_BF[:2, :] = (cut - bias_F).expand(2, F)  # 2 * F more entries at the cut: a tie straddles it
+    kept, vals_N = batch_topk_select(product_BF, k * B, bias_F=bias_F)
+    pre_BF = product_BF + bias_F
+    assert int((pre_BF == cut).sum()) > int((vals_N == cut).sum()) > 0
+    assert len(kept) == k * B
+    assert set((kept.rows * F + kept.cols).tolist()) == _topk_set(torch.relu(pre_BF), k * B)  # the reference's input
+
+
 def test_a_tie_straddling_the_cut_is_broken_as_topk_breaks_it():
     g = torch.Generator().manual_seed(1)
     pre_BF = torch.rand(256, 1024, generator=g)

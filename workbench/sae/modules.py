@@ -89,6 +89,11 @@ class _SAEBase(nn.Module):
         """(x - b_dec) @ W_enc + b_enc, before the relu: [B, D] -> [B, F]."""
         return (x_BD - self.b_dec) @ self.W_enc_DF + self.b_enc_F
 
+    def encoder_product(self, x_BD: torch.Tensor) -> torch.Tensor:
+        """(x - b_dec) @ W_enc, without b_enc: [B, D] -> [B, F]. The training step adds the bias only
+        to the entries it reads (`batch_topk_select(..., bias_F)`): no pass over [B, F] for it."""
+        return (x_BD - self.b_dec) @ self.W_enc_DF
+
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
         """relu((x - b_dec) @ W_enc + b_enc): [B, D] -> [B, F]."""
         return torch.relu(self.hidden_pre(x_BD))

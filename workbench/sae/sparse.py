@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -75,19 +74,23 @@ def _crow(rows_N: torch.Tensor, n_rows: int) -> torch.Tensor:
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
 
-def batch_topk_select(pre_BF: torch.Tensor, n_keep: int, comm: Collective | None = None) -> tuple[Kept, torch.Tensor]:
-    """The batch top-k rule as an index set: the n_keep largest entries of relu(pre_BF), positive only.
+def batch_topk_select(pre_BF: torch.Tensor, n_keep: int, comm: Collective | None = None,
+                      bias_F: torch.Tensor | None = None) -> tuple[Kept, torch.Tensor]:
+    """The batch top-k rule as an index set: the n_keep largest entries of relu(pre_BF + bias_F),
+    positive only (bias_F None: of relu(pre_BF)).
 
-    pre_BF may be taken before the relu (the trainer saves that pass over B*F). Returns (kept, vals_N).
-    In one process the set is exactly `relu(pre).flatten().topk(n_keep)`'s minus its zero entries (which
-    carry neither value nor gradient), ties at the cut included: topk itself breaks them. Across
-    data-parallel processes (`comm`, each holding an equal share of the global batch), n_keep counts
-    the global batch and the selection is global; ties at the cut go to the lowest rank.
+    pre_BF may be taken before the relu (the trainer saves that pass over B*F), and without the
+    encoder bias (bias_F, added only to the entries read: pre_BF + bias_F is never formed in one
+    process). Returns (kept, vals_N). In one process the set is exactly
+    `relu(pre + bias).flatten().topk(n_keep)`'s minus its zero entries (which carry neither value nor
+    gradient), ties at the cut included: topk itself breaks them. Across data-parallel processes
+    (`comm`, each holding an equal share of the global batch), n_keep counts the global batch and the
+    selection is global; ties at the cut go to the lowest rank.
     """
-    flat = pre_BF.reshape(-1)
     if comm is None or comm.world_size == 1:
-        idx, vals = _topk_entries(flat, min(n_keep, flat.numel()))
+        idx, vals = _topk_entries(pre_BF, min(n_keep, pre_BF.numel()), bias_F)
     else:
+        flat = (pre_BF if bias_F is None else pre_BF + bias_F).reshape(-1)
         idx = _global_topk_indices(flat, n_keep, comm)
         vals = flat.index_select(0, idx)
     positive = vals > 0
@@ -96,50 +99,71 @@ def batch_topk_select(pre_BF: torch.Tensor, n_keep: int, comm: Collective | None
     return Kept.from_flat(idx, tuple(pre_BF.shape)), vals
 
 
-def _topk_entries(flat: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted indices of `relu(flat).topk(n)` and their values in flat, found without a full top-k
-    when possible.
+def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted flat indices of `relu(pre + bias).flatten().topk(n)` and their values, found without a
+    full top-k when possible.
 
     A quantile of a strided sample gives a cut that leaves ~1.5x n candidates above it; the n-th
     largest value is then found among the candidates only (one compare and one `nonzero` over the
-    whole of flat; every other pass is over the candidates). Too few candidates, or a tie straddling
-    the cut (not rare in float32 at these sizes), and topk itself decides, as in the reference.
+    whole of [B, F]; every other pass is over the candidates). Without the bias in pre_BF, the compare
+    is against cut - bias_F - margin a latent (margin: far above the rounding of the two subtractions),
+    and the candidates count only if at least n of their exact values exceed the cut itself: then
+    every entry left out is below the cut, hence below the n-th largest. Too few candidates, or a tie
+    straddling the cut (not rare in float32 at these sizes), and topk itself decides, as in the reference.
     """
-    cut = _candidate_cut(flat, n / flat.numel(), lambda t: t)
+    F = pre_BF.shape[1]
+    flat = pre_BF.reshape(-1)
+    at = _sample_slice(flat)
+    sample = flat[at]
+    if bias_F is not None:
+        sample = sample + bias_F[torch.arange(at.start, flat.numel(), at.step, device=flat.device) % F]
+    cut = _candidate_cut(sample, n / flat.numel(), flat.numel())
     if cut is not None:
-        cand_idx = torch.nonzero(flat > cut).squeeze(1)
+        if bias_F is None:
+            cand_idx = torch.nonzero(flat > cut).squeeze(1)
+        else:
+            margin = 1e-4 * (abs(cut) + float(bias_F.abs().max()))
+            cand_idx = torch.nonzero((pre_BF > (cut - margin) - bias_F).view(-1)).squeeze(1)
         if cand_idx.numel() >= n:
             cand_vals = flat.index_select(0, cand_idx)
-            keep = cand_vals >= cand_vals.topk(n, sorted=False).values.min()
-            if int(keep.sum()) == n:
-                return cand_idx[keep], cand_vals[keep]
+            if bias_F is not None:
+                cand_vals += bias_F.index_select(0, cand_idx % F)
+            if int((cand_vals > cut).sum()) >= n:
+                keep = cand_vals >= cand_vals.topk(n, sorted=False).values.min()
+                if int(keep.sum()) == n:
+                    keep_idx = torch.nonzero(keep).squeeze(1)
+                    return cand_idx.index_select(0, keep_idx), cand_vals.index_select(0, keep_idx)
+    if bias_F is not None:
+        flat = (pre_BF + bias_F).reshape(-1)
     idx = torch.relu(flat).topk(n, sorted=False).indices.sort().values
     return idx, flat.index_select(0, idx)
 
 
-def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int) -> tuple[Kept, torch.Tensor]:
-    """The aux-k rule as an index set: each token's k_aux largest entries of relu(pre_BF) among the
-    dead latents (sorted indices dead_M), positive only. Returns (kept, vals_N), row-major.
+def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
+                bias_F: torch.Tensor | None = None) -> tuple[Kept, torch.Tensor]:
+    """The aux-k rule as an index set: each token's k_aux largest entries of relu(pre_BF + bias_F)
+    among the dead latents (sorted indices dead_M), positive only. Returns (kept, vals_N), row-major.
 
     Exactly the reference's `relu(pre[:, dead]).topk(k_aux, dim=1)` minus its zero entries, ties at a
     token's cut included (a tie straddling it, and topk decides). Computed without the reference's
     copy of every dead column: with at least as many dead latents as live ones, the candidates are
-    masked in place (the live columns cleared in a byte mask); with fewer, the dead columns are
-    gathered first, which moves less memory than one pass over [B, F]. A per-token cut from a strided
-    sample of the token's dead pre-activations leaves ~1.5-2x k_aux candidates above it; each token's
-    k_aux-th largest value is found among those only.
+    masked in place (the live columns cleared in a byte mask; with bias_F, pre_BF is overwritten by
+    pre_BF + bias_F); with fewer, the dead columns are gathered first, which moves less memory than
+    one pass over [B, F]. A per-token cut from a strided sample of the token's dead pre-activations
+    (for short rows: 0) leaves ~1.5-2x k_aux candidates above it; each token's k_aux-th largest value
+    is found among those only.
     """
     B, F = pre_BF.shape
     M = dead_M.numel()
     k_aux = min(k_aux, M)
     if 2 * M < F:  # fewer dead than live latents: gather them ([B, M] moves less than a [B, F] pass)
         sub_BM, col_of = pre_BF.index_select(1, dead_M), dead_M
+        if bias_F is not None:
+            sub_BM += bias_F.index_select(0, dead_M)
         sample_cols = torch.arange(M, device=dead_M.device)
     else:
-        sub_BM, col_of, sample_cols = pre_BF, None, dead_M
+        sub_BM, col_of, sample_cols = pre_BF if bias_F is None else pre_BF.add_(bias_F), None, dead_M
     cut_B = _row_cuts(sub_BM, sample_cols, k_aux)
-    if cut_B is None:
-        return _auxk_reference(pre_BF, dead_M, k_aux)
     cand_BM = sub_BM > cut_B[:, None]
     if col_of is None and M < F:
         live = torch.ones(F, dtype=torch.bool, device=pre_BF.device)
@@ -148,33 +172,34 @@ def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int) -> tuple
     flat_N = torch.nonzero(cand_BM.view(-1)).squeeze(1)
     rows_N, cols_N = flat_N // sub_BM.shape[1], flat_N % sub_BM.shape[1]
     counts_B = torch.bincount(rows_N, minlength=B)
+    dead_BM = sub_BM if col_of is not None else None
     if bool(((counts_B < k_aux) & (cut_B > 0)).any()):  # a token's cut left too few: decide exactly
-        return _auxk_reference(pre_BF, dead_M, k_aux)
+        return _auxk_reference(dead_BM if dead_BM is not None else sub_BM.index_select(1, dead_M), dead_M, F, k_aux)
     vals_N = sub_BM.reshape(-1).index_select(0, flat_N)
-    # Each token's k_aux-th largest candidate: the candidates laid out one padded row a token.
-    starts_B = torch.cumsum(counts_B, 0) - counts_B
-    C = max(int(counts_B.max()), k_aux)
-    slot_N = rows_N * C + torch.arange(len(rows_N), device=rows_N.device) - starts_B.index_select(0, rows_N)
-    padded_BC = vals_N.new_full((B, C), -math.inf)
-    padded_BC.view(-1).index_copy_(0, slot_N, vals_N)
-    kth_B = padded_BC.topk(k_aux, dim=1, sorted=False).values.min(dim=1).values
-    keep = (vals_N >= kth_B.index_select(0, rows_N)) & (vals_N > 0)
-    kept_B = torch.bincount(rows_N[keep], minlength=B)
-    if bool((kept_B > counts_B.clamp_max(k_aux)).any()):  # a tie straddles a token's cut
-        return _auxk_reference(pre_BF, dead_M, k_aux)
-    keep_idx = torch.nonzero(keep).squeeze(1)
-    rows_N, cols_N, vals_N = (t.index_select(0, keep_idx) for t in (rows_N, cols_N, vals_N))
+    C = int(counts_B.max()) if len(flat_N) else 0
+    if C > k_aux:  # each token's k_aux-th largest candidate: the candidates laid out one padded row a token
+        starts_B = torch.cumsum(counts_B, 0) - counts_B
+        slot_N = rows_N * C + torch.arange(len(rows_N), device=rows_N.device) - starts_B.index_select(0, rows_N)
+        padded_BC = vals_N.new_full((B, C), -math.inf)
+        padded_BC.view(-1).index_copy_(0, slot_N, vals_N)
+        kth_B = padded_BC.topk(k_aux, dim=1, sorted=False).values.min(dim=1).values
+        keep = (vals_N >= kth_B.index_select(0, rows_N)) & (vals_N > 0)
+        kept_B = torch.bincount(rows_N[keep], minlength=B)
+        if bool((kept_B > counts_B.clamp_max(k_aux)).any()):  # a tie straddles a token's cut
+            return _auxk_reference(dead_BM if dead_BM is not None else sub_BM.index_select(1, dead_M), dead_M, F, k_aux)
+        keep_idx = torch.nonzero(keep).squeeze(1)
+        rows_N, cols_N, vals_N = (t.index_select(0, keep_idx) for t in (rows_N, cols_N, vals_N))
     if col_of is not None:
         cols_N = col_of.index_select(0, cols_N)  # increasing: the order stays row-major
     return Kept(rows_N, cols_N, (B, F)), vals_N
 
 
-def _row_cuts(sub_BM: torch.Tensor, sample_cols: torch.Tensor, k: int) -> torch.Tensor | None:
+def _row_cuts(sub_BM: torch.Tensor, sample_cols: torch.Tensor, k: int) -> torch.Tensor:
     """Per row, a value (>= 0) with (very likely) at least k of the row's sampled-from entries above
-    it, from a strided sample of sample_cols; None when the rows are too short to be worth sampling."""
+    it, from a strided sample of sample_cols; 0 (every positive entry a candidate) for short rows."""
     M = sample_cols.numel()
     if 8 * k > M or M < 1024:
-        return None
+        return sub_BM.new_zeros(sub_BM.shape[0])
     stride = M // 512 | 1
     sample_BS = sub_BM.index_select(1, sample_cols[stride // 2:: stride])
     expected = k * sample_BS.shape[1] / M
@@ -182,22 +207,22 @@ def _row_cuts(sub_BM: torch.Tensor, sample_cols: torch.Tensor, k: int) -> torch.
     return sample_BS.topk(m, dim=1, sorted=False).values.min(dim=1).values.clamp_min(0.0)
 
 
-def _auxk_reference(pre_BF: torch.Tensor, dead_M: torch.Tensor, k: int) -> tuple[Kept, torch.Tensor]:
-    """The reference's rule: relu(pre[:, dead]).topk(k, dim=1), positive only, row-major (each token's
-    k picks sorted within its row: no sort over all B * k)."""
-    B, F = pre_BF.shape
-    top = torch.relu(pre_BF.index_select(1, dead_M)).topk(k, dim=1, sorted=False)
+def _auxk_reference(dead_BM: torch.Tensor, dead_M: torch.Tensor, F: int, k: int) -> tuple[Kept, torch.Tensor]:
+    """The reference's rule on the dead columns' values dead_BM [B, M]: relu(.).topk(k, dim=1),
+    positive only, row-major (each token's k picks sorted within its row: no sort over all B * k)."""
+    B = dead_BM.shape[0]
+    top = torch.relu(dead_BM).topk(k, dim=1, sorted=False)
     picks_BK, order_BK = top.indices.sort(dim=1)
     vals_BK = top.values.gather(1, order_BK)
     positive = vals_BK > 0
-    rows_BK = torch.arange(B, device=pre_BF.device)[:, None].expand_as(picks_BK)
+    rows_BK = torch.arange(B, device=dead_BM.device)[:, None].expand_as(picks_BK)
     return Kept(rows_BK[positive], dead_M.index_select(0, picks_BK[positive]), (B, F)), vals_BK[positive]
 
 
 def _global_topk_indices(flat: torch.Tensor, n: int, comm: Collective) -> torch.Tensor:
     """Sorted local indices of this process's share of the global top-n (the same candidate scheme)."""
     n = min(n, int(comm.cat(torch.tensor([flat.numel()], device=flat.device)).sum()))
-    cut = _candidate_cut(flat, n / (flat.numel() * comm.world_size), comm.cat)
+    cut = _candidate_cut(comm.cat(flat[_sample_slice(flat)]), n / (flat.numel() * comm.world_size), flat.numel())
     cand_idx = torch.nonzero(flat > cut).squeeze(1) if cut is not None else None
     counts = comm.cat(torch.tensor([-1 if cand_idx is None else cand_idx.numel()], device=flat.device))
     if bool((counts < 0).any()) or int(counts.sum()) < n:
@@ -221,12 +246,16 @@ def _global_topk_indices(flat: torch.Tensor, n: int, comm: Collective) -> torch.
     return cand_idx[keep]
 
 
-def _candidate_cut(flat: torch.Tensor, frac: float, cat: Callable[[torch.Tensor], torch.Tensor]) -> float | None:
+def _sample_slice(flat: torch.Tensor) -> slice:
+    """~8192 entries, strided; the stride odd, so a power-of-two F does not alias it onto few columns."""
+    stride = flat.numel() // 8192 | 1
+    return slice(stride // 2, None, stride)
+
+
+def _candidate_cut(sample: torch.Tensor, frac: float, numel: int) -> float | None:
     """A value with (very likely) more than frac * numel entries above it, from a strided sample."""
-    if frac > 0.05 or flat.numel() < 1 << 14:
+    if frac > 0.05 or numel < 1 << 14:
         return None
-    stride = flat.numel() // 8192 | 1  # odd, so a power-of-two F does not alias the sample onto few columns
-    sample = cat(flat[stride // 2:: stride])
     expected = frac * sample.numel()
     m = min(sample.numel(), int(1.5 * expected + 4 * math.sqrt(expected)) + 8)
     cut = sample.topk(m).values[-1].item()

@@ -20,7 +20,8 @@ proves it against the reference to 1e-5 after 1200 steps):
                       warmup and linear decay, decoder directions back to unit norm
 
 It differs from the reference only in how it computes: the kept entries are found without a full
-top-k and decoded sparsely, forward and backward (see `workbench.sae.sparse`), and under data parallelism
+top-k, the encoder bias is added only to the entries the selections read, the codes are decoded
+sparsely, forward and backward (see `workbench.sae.sparse`), and under data parallelism
 the selection, the threshold and the dead counters come from the global batch (`workbench.dist.Comm`).
 """
 
@@ -164,9 +165,12 @@ class Trainer:
         enough to flip a latent at the batch top-k cut within the parity test's 1200 steps (measured)."""
         sae, comm = self.sae, self.comm
         # Encode: dense pre-activations without autograd; the global batch top-k as an index set.
+        # Before the relu and without b_enc: the selection keeps positives only and adds the bias to
+        # the entries it reads.
         with torch.no_grad(), self._autocast():
-            hidden_pre_BF = sae.hidden_pre(x_BD).float()  # before the relu: the selection keeps positives only
-        kept, vals_N = batch_topk_select(hidden_pre_BF, k * B, comm)
+            product_BF = sae.encoder_product(x_BD).float()
+        b_enc_F = sae.b_enc_F.detach()
+        kept, vals_N = batch_topk_select(product_BF, k * B, comm, b_enc_F)
         f_N = encode_kept(sae, x_BD, vals_N, kept)
         if self.step > self.threshold_start_step:
             self._update_threshold(vals_N)
@@ -180,7 +184,7 @@ class Trainer:
         self.dead = dead_M.numel()
         if not self.dead:
             return kept, x_hat_BD, mse, mse.new_zeros(())
-        aux_kept, aux_vals_N = auxk_select(hidden_pre_BF, dead_M, self.top_k_aux)
+        aux_kept, aux_vals_N = auxk_select(product_BF, dead_M, self.top_k_aux, b_enc_F)
         recon_BD = decode_kept(encode_kept(sae, x_BD, aux_vals_N, aux_kept), sae.W_dec_FD, aux_kept)
         return kept, x_hat_BD, mse, self._auxk_loss((x_BD - x_hat_BD).detach(), recon_BD)
 
