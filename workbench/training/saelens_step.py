@@ -1,0 +1,358 @@
+"""SAELens' training step (train.algorithm saelens): the algorithm that made the Gemma-3-1b Matryoshka series.
+
+sae-lens 6.54.12's `SAETrainer._train_step` on a `BatchTopKTrainingSAE` or `MatryoshkaBatchTopKTrainingSAE`,
+step for step (tests/test_saelens_trainer_parity.py proves it against the package), on the workbench's own
+SAE modules. It has the interface of `workbench.training.step.Trainer` (update, nonfinite_step, state_dict),
+so the loop, the lanes, checkpoints and resume are shared. The settings are `train.saelens`
+(`workbench.config.SAELensTrainConfig`: SAELens' names and defaults).
+
+    init              W_dec rows kaiming-uniform, scaled to norm decoder_init_norm (0.1); W_enc = W_dec^T;
+                      zero biases (`init_weights_`)
+    encode            hidden_pre_BF = ((x - b_dec) @ W_enc + b_enc) * |W_dec row| (rescale_acts_by_decoder_norm);
+                      keep the k*B largest entries of relu(hidden_pre) over the whole batch
+    decode            x_hat = (f / |W_dec row|) @ W_dec + b_dec
+    loss              ||x - x_hat||^2 summed over D, mean over the batch; Matryoshka adds, unweighted, the same
+                      loss of each inner level's reconstruction (b_dec + the latents below its width)
+                      + aux_loss_coefficient (1.0) * min(n_dead / (D/2), 1) * aux loss: the top min(D/2, n_dead)
+                      dead hidden_pre of each token reconstruct the detached residual (no b_dec, no variance
+                      normalisation); Matryoshka's use_matryoshka_aux_loss: one such loss per level, on that
+                      level's dead latents and residual, summed
+    dead latents      a latent that has not fired for more than dead_feature_window (1000) steps
+    threshold         topk_threshold (float64, from 0.0 at step 0): EMA with rate topk_threshold_lr (0.01) of
+                      the smallest positive kept value; a batch where nothing fired leaves it
+    after backward    clip the gradient norm at 1, Adam (betas 0.9, 0.999), then SAELens' lr schedule
+                      (constant by default; linear warmup and decay, cosine annealing); no decoder
+                      renormalisation, no gradient projection
+    at the end        `fold_for_inference`: the activation scaling, then the decoder norms folded into
+                      W_enc and b_enc (unit W_dec rows), threshold = topk_threshold: the JumpReLU SAE that
+                      SAELens' save_inference_model writes
+
+Unlike dictionary_learning (`workbench.training.step`), the decoder rows are free during training and the
+latents are measured in units of their decoder norms; the module's encode/decode are the inference math only
+after `fold_for_inference`. Under data parallelism the batch top-k, the threshold and the dead counters come
+from the global batch (`workbench.dist.Comm`) and the gradients are averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+from torch.optim import lr_scheduler
+
+from workbench.config import SAELensTrainConfig
+from workbench.dist import Comm
+from workbench.sae import SAE
+from workbench.sae.registry import architecture_of
+
+
+@torch.no_grad()
+def init_weights_(sae: SAE, decoder_init_norm: float | None = 0.1) -> None:
+    """SAELens' TrainingSAE initialisation, drawn from torch's global RNG as SAELens draws it: W_dec [F, D]
+    kaiming-uniform, each row scaled to norm decoder_init_norm (None: as drawn), W_enc = W_dec^T, zero biases."""
+    W_dec_FD = torch.nn.init.kaiming_uniform_(torch.empty(sae.dict_size, sae.activation_dim, device=sae.b_dec.device))
+    if decoder_init_norm is not None:
+        W_dec_FD /= W_dec_FD.norm(dim=-1, keepdim=True)
+        W_dec_FD *= decoder_init_norm
+    sae.W_dec_FD.copy_(W_dec_FD)
+    sae.W_enc_DF.copy_(W_dec_FD.T)
+    sae.b_enc_F.zero_()
+    sae.b_dec.zero_()
+
+
+@torch.no_grad()
+def scaling_factor(batches: Iterable[torch.Tensor], d_in: int, n_batches: int) -> float:
+    """SAELens' expected_average_only_in factor: sqrt(d_in) / the mean L2 norm of the tokens of the first
+    n_batches batches (the input is multiplied by it, so the mean norm becomes sqrt(d_in))."""
+    total, count = 0.0, 0
+    for i, x_BD in enumerate(batches):
+        if i == n_batches:
+            break
+        norms_B = x_BD.norm(dim=-1)
+        total += norms_B.float().sum().item()
+        count += norms_B.numel()
+    if count == 0:
+        raise ValueError("no batch to estimate the scaling factor from")
+    return d_in**0.5 / (total / count)
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, *, lr: float, warm_up_steps: int, decay_steps: int,
+                      training_steps: int, lr_end: float, num_cycles: int) -> lr_scheduler.LRScheduler:
+    """SAELens' schedule (sae_lens.training.optim.get_lr_scheduler), from torch's schedulers: linear warmup
+    from lr / warm_up_steps over warm_up_steps; the main schedule (constant, or cosine annealing to lr_end,
+    with num_cycles warm restarts); a linear decay to 0 over the last decay_steps, from lr_end (constant: lr)."""
+    main_steps = training_steps - warm_up_steps - decay_steps
+    if name == "constant":
+        main = lr_scheduler.LambdaLR(optimizer, lr_lambda=lambda _: 1.0)
+        lr_end = lr  # the decay starts where the constant schedule is
+    elif name == "cosineannealing":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps, eta_min=lr_end)
+    elif name == "cosineannealingwarmrestarts":
+        main = lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=main_steps // num_cycles, eta_min=lr_end)
+    else:
+        raise ValueError(f"unknown lr scheduler {name!r}")
+    phases, milestones = [], []
+    if warm_up_steps > 0:
+        phases.append(lr_scheduler.LinearLR(optimizer, start_factor=1 / warm_up_steps, end_factor=1.0,
+                                            total_iters=warm_up_steps - 1))
+        milestones.append(warm_up_steps)
+    phases.append(main)
+    if decay_steps > 0:
+        phases.append(lr_scheduler.LinearLR(optimizer, start_factor=lr_end / lr, end_factor=0.0, total_iters=decay_steps))
+        milestones.append(training_steps - decay_steps)
+    return lr_scheduler.SequentialLR(optimizer, schedulers=phases, milestones=milestones)
+
+
+class SAELensTrainer:
+    """One SAE's optimisation as SAELens' SAETrainer does it: Adam, its lr schedule, the step-counted dead
+    latents and the float64 topk_threshold EMA. `settings` is train.saelens; `fine_tune` continues from a
+    loaded (folded) SAE and its threshold instead of initialising."""
+
+    k_anneal_steps = None  # SAELens has no k annealing (read by the loop's config.json)
+    group_weights = None  # its Matryoshka levels' losses are added unweighted
+
+    def __init__(self, sae: SAE, steps: int, settings: SAELensTrainConfig | None = None, *, fine_tune: bool = False,
+                 autocast_dtype: torch.dtype | None = None, comm: Comm | None = None):
+        s = settings or SAELensTrainConfig()
+        if s.lr_warm_up_steps + s.lr_decay_steps > steps:
+            raise ValueError(f"lr_warm_up_steps + lr_decay_steps ({s.lr_warm_up_steps} + {s.lr_decay_steps}) exceed "
+                             f"the {steps} steps")
+        self.sae, self.steps, self.settings = sae, steps, s
+        self.k, self.lr = int(sae.k), s.lr
+        self.fine_tune, self.autocast_dtype = fine_tune, autocast_dtype
+        self.comm = comm or Comm()
+        # Matryoshka levels: cumulative widths, the last = F (SAELens' matryoshka_widths)
+        self.widths = sae.group_bounds[1:] if architecture_of(sae).grouped else None
+        device = sae.b_dec.device
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2))
+        self.scheduler = make_lr_scheduler(self.optimizer, s.lr_scheduler_name, lr=s.lr, warm_up_steps=s.lr_warm_up_steps,
+                                           decay_steps=s.lr_decay_steps, training_steps=steps,
+                                           lr_end=s.lr / 10 if s.lr_end is None else s.lr_end,
+                                           num_cycles=s.n_restart_cycles)
+        self.step = 0
+        self.n_forward_passes_since_fired = torch.zeros(sae.dict_size, dtype=torch.long, device=device)
+        start = float(sae.threshold) if fine_tune and float(sae.threshold) >= 0 else 0.0
+        self.topk_threshold = torch.tensor(start, dtype=torch.float64, device=device)
+        self.dead = 0  # latents dead after the last step
+        self._nonfinite_at = torch.zeros((), dtype=torch.long, device=device)  # as Trainer's: no sync a step
+
+    def update(self, x_BD: torch.Tensor, log: bool = False) -> dict[str, float]:
+        """One step on this process's share x_BD [B, D] of the global batch (already scaled). Returns the
+        step's statistics over the global batch when `log` (loss, mse, auxk_loss, l0,
+        frac_variance_explained, dead, threshold, lr, k), else {}."""
+        sae, comm, s = self.sae, self.comm, self.settings
+        dead_F = self.n_forward_passes_since_fired > s.dead_feature_window  # before this step's update
+        with self._autocast():
+            W_dec_FD = sae.W_dec_FD
+            hidden_pre_BF = sae.hidden_pre(x_BD)
+            inv_norm_F = None
+            if s.rescale_acts_by_decoder_norm:
+                hidden_pre_BF = hidden_pre_BF * W_dec_FD.norm(dim=-1)
+                inv_norm_F = 1 / W_dec_FD.norm(dim=-1)
+            f_BF = self._batch_topk(hidden_pre_BF.relu())
+            latents_BF = f_BF if inv_norm_F is None else f_BF * inv_norm_F  # in units of unit decoder rows
+            x_hat_BD = latents_BF @ W_dec_FD + sae.b_dec
+            mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
+            levels = None if self.widths is None else self._levels(latents_BF, W_dec_FD)
+            if levels is not None and s.use_matryoshka_aux_loss:
+                aux = self._matryoshka_aux_loss(x_BD, levels, hidden_pre_BF, dead_F, W_dec_FD)
+            else:
+                aux = self._aux_loss(x_BD, x_hat_BD, hidden_pre_BF, dead_F, W_dec_FD, inv_norm_F)
+            loss = mse + aux  # SAELens' order of the sum: the outer loss, the aux loss, then each inner level
+            for inner_BD in (levels or [])[:-1]:  # the outer level is x_hat itself
+                loss = loss + (inner_BD - x_BD).pow(2).sum(dim=-1).mean()
+            self._update_threshold(f_BF)
+            with torch.no_grad():
+                fired_F = comm.sum((f_BF != 0).sum(dim=0)) > 0
+                self.n_forward_passes_since_fired += 1
+                self.n_forward_passes_since_fired[fired_F] = 0
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite_at = torch.where(bad & (self._nonfinite_at == 0), self.step + 1, self._nonfinite_at)
+        loss.backward()
+        params = list(sae.parameters())
+        self._average_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.scheduler.step()
+        self.step += 1
+        self.dead = int(self.dead_mask().sum())
+        if not log:
+            return {}
+        return self._log(x_BD, x_hat_BD, f_BF, loss, mse, aux, lr)
+
+    def _batch_topk(self, acts_BF: torch.Tensor) -> torch.Tensor:
+        """The k*B largest entries of the global batch's acts (B: the global batch), zeros elsewhere. Each
+        process keeps its own local top k*B; across processes the global top k*B of those candidates
+        (every global winner is among its process's candidates)."""
+        comm = self.comm
+        B, F = acts_BF.shape
+        flat_N = acts_BF.flatten()
+        vals_N, idx_N = flat_N.topk(min(self.k * B * comm.world_size, flat_N.numel()))
+        if comm.world_size > 1:
+            n = vals_N.numel()
+            winners = comm.cat(vals_N.detach()).topk(self.k * B * comm.world_size).indices
+            mine = winners[(winners >= comm.rank * n) & (winners < (comm.rank + 1) * n)] - comm.rank * n
+            vals_N, idx_N = vals_N[mine], idx_N[mine]
+        return torch.zeros_like(flat_N).scatter(0, idx_N, vals_N).view(B, F)
+
+    def _levels(self, latents_BF: torch.Tensor, W_dec_FD: torch.Tensor) -> list[torch.Tensor]:
+        """Each Matryoshka level's reconstruction [B, D]: b_dec plus the latents below its width, cumulatively."""
+        decoded_BD, levels, start = self.sae.b_dec, [], 0
+        for width in self.widths:
+            decoded_BD = latents_BF[:, start:width] @ W_dec_FD[start:width] + decoded_BD
+            levels.append(decoded_BD)
+            start = width
+        return levels
+
+    def _aux_loss(self, x_BD, x_hat_BD, hidden_pre_BF, dead_F, W_dec_FD, inv_norm_F) -> torch.Tensor:
+        """coefficient * min(n_dead / k_aux, 1) * ||residual - top-k_aux dead latents' reconstruction||^2."""
+        n_dead = int(dead_F.sum())
+        if n_dead == 0:
+            return x_hat_BD.new_zeros(())
+        k_aux = x_BD.shape[-1] // 2
+        scale = min(n_dead / k_aux, 1.0)
+        aux_BF = self._dead_topk(hidden_pre_BF, dead_F, min(k_aux, n_dead))
+        if inv_norm_F is not None:
+            aux_BF = aux_BF * inv_norm_F
+        residual_BD = (x_BD - x_hat_BD).detach()
+        l2 = (aux_BF @ W_dec_FD - residual_BD).pow(2).sum(dim=-1).mean()
+        return self.settings.aux_loss_coefficient * scale * l2
+
+    def _matryoshka_aux_loss(self, x_BD, levels, hidden_pre_BF, dead_F, W_dec_FD) -> torch.Tensor:
+        """Matryoshka's own aux loss: per level, its dead latents reconstruct that level's residual; summed."""
+        if int(dead_F.sum()) == 0:
+            return x_BD.new_zeros(())
+        k_aux = x_BD.shape[-1] // 2
+        if self.settings.rescale_acts_by_decoder_norm:
+            W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True)
+        losses, start = [], 0
+        for width, level_BD in zip(self.widths, levels, strict=True):
+            n_dead = int(dead_F[start:width].sum())
+            if n_dead:
+                aux_BW = self._dead_topk(hidden_pre_BF[:, start:width], dead_F[start:width], min(k_aux, n_dead))
+                residual_BD = (x_BD - level_BD).detach()
+                l2 = (aux_BW @ W_dec_FD[start:width] - residual_BD).pow(2).sum(dim=-1).mean()
+                losses.append(min(n_dead / k_aux, 1.0) * l2)
+            start = width
+        return self.settings.aux_loss_coefficient * torch.stack(losses).sum()
+
+    @staticmethod
+    def _dead_topk(hidden_pre_BF: torch.Tensor, dead_F: torch.Tensor, k: int) -> torch.Tensor:
+        """Each token's k largest hidden_pre among the dead latents (negative ones too), zeros elsewhere."""
+        top = torch.where(dead_F[None], hidden_pre_BF, -torch.inf).topk(k, sorted=False)
+        return torch.zeros_like(hidden_pre_BF).scatter(-1, top.indices, top.values)
+
+    @torch.no_grad()
+    def _update_threshold(self, f_BF: torch.Tensor) -> None:
+        """topk_threshold := (1 - lr) * topk_threshold + lr * (smallest positive kept value), in float64; left
+        as it is when nothing in the global batch fired."""
+        positive = f_BF[f_BF > 0]
+        local_min = positive.min() if positive.numel() else f_BF.new_tensor(torch.inf)
+        smallest = self.comm.cat(local_min.float().reshape(1)).min()
+        if torch.isfinite(smallest):
+            with torch.autocast(self.topk_threshold.device.type, enabled=False):
+                lr = self.settings.topk_threshold_lr
+                self.topk_threshold = (1 - lr) * self.topk_threshold + lr * smallest.to(torch.float64)
+
+    def dead_mask(self) -> torch.Tensor:
+        """[F] bool: latents that have not fired for more than dead_feature_window steps."""
+        return self.n_forward_passes_since_fired > self.settings.dead_feature_window
+
+    def nonfinite_step(self) -> int | None:
+        """The first step (1-based) at which the loss of any process was NaN or Inf, or None. A collective
+        under data parallelism: every process must call it at the same step."""
+        at_W = self.comm.cat(self._nonfinite_at.reshape(1))
+        bad_W = at_W[at_W > 0]
+        return int(bad_W.min()) if bad_W.numel() else None
+
+    @torch.no_grad()
+    def fold_for_inference(self, scale: float = 1.0) -> None:
+        """Turn the training SAE into the inference SAE that SAELens saves, in place (what its fit() does at the
+        end, then save_inference_model): `fold_scaling(scale)`, `fold_decoder_norms()`, and threshold =
+        topk_threshold. The module then works on raw activations, per token at its threshold."""
+        self.fold_scaling(scale)
+        self.fold_decoder_norms()
+        self.sae.threshold.fill_(self.topk_threshold.item())
+
+    @torch.no_grad()
+    def fold_scaling(self, scale: float) -> None:
+        """For training inputs x * scale (expected_average_only_in; 1.0: none): W_enc *= scale, W_dec /= scale,
+        b_dec /= scale and, with rescaled acts, topk_threshold /= scale (it is in units of the decoder norms,
+        SAELens #763): the same latents from raw x, the reconstruction in raw units."""
+        if scale == 1.0:
+            return
+        sae = self.sae
+        sae.W_enc_DF.mul_(scale)
+        sae.W_dec_FD.div_(scale)
+        sae.b_dec.div_(scale)
+        if self.settings.rescale_acts_by_decoder_norm:
+            self.topk_threshold /= scale
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """With rescaled acts, each latent's decoder norm n (clamped at 1e-8) into the encoder: b_enc and W_enc's
+        column times n, W_dec's row divided by n, so that plain relu((x - b_dec) @ W_enc + b_enc) is the
+        training's rescaled pre-activation and the decoder rows have unit norm. Without, nothing changes."""
+        if not self.settings.rescale_acts_by_decoder_norm:
+            return
+        sae = self.sae
+        norm_F = sae.W_dec_FD.norm(dim=-1).clamp(min=1e-8)
+        sae.b_enc_F.mul_(norm_F)
+        sae.W_dec_FD.div_(norm_F[:, None])
+        sae.W_enc_DF.mul_(norm_F[None, :])
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """The SAE in SAELens' training state-dict contract: W_enc [D, F], W_dec [F, D], b_enc [F], b_dec [D],
+        topk_threshold [] float64."""
+        sae = self.sae
+        return {"W_enc": sae.W_enc_DF.detach().contiguous(), "W_dec": sae.W_dec_FD.detach().contiguous(),
+                "b_enc": sae.b_enc_F.detach().clone(), "b_dec": sae.b_dec.detach().clone(),
+                "topk_threshold": self.topk_threshold.clone()}
+
+    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Across processes, the gradients averaged in one flat all-reduce (every parameter has one here)."""
+        if self.comm.world_size == 1:
+            return
+        flat = self.comm.mean(torch.cat([p.grad.reshape(-1) for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p.grad))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.sae.b_dec.device.type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def _log(self, x_BD, x_hat_BD, f_BF, loss, mse, aux, lr: float) -> dict[str, float]:
+        comm = self.comm
+        x_hat_BD = x_hat_BD.float()
+        scalars = comm.mean(torch.stack([loss.detach().float(), mse.detach().float(), aux.detach().float(),
+                                         (f_BF != 0).sum(dim=-1).float().mean()]))
+        # Variance explained as dictionary_learning defines it (the workbench's one definition everywhere).
+        moments = comm.sum(torch.stack([x_BD.sum(0), x_BD.pow(2).sum(0), (x_BD - x_hat_BD).sum(0),
+                                        (x_BD - x_hat_BD).pow(2).sum(0)]).double())
+        n = x_BD.shape[0] * comm.world_size
+        var_x = (moments[1] - moments[0] ** 2 / n).sum()
+        var_e = (moments[3] - moments[2] ** 2 / n).sum()
+        loss_v, mse_v, aux_v, l0 = scalars.tolist()
+        return {"loss": loss_v, "mse": mse_v, "auxk_loss": aux_v, "l0": l0,
+                "frac_variance_explained": float(1 - var_e / var_x), "dead": self.dead,
+                "threshold": float(self.topk_threshold), "lr": lr, "k": self.k}
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "n_forward_passes_since_fired": self.n_forward_passes_since_fired.clone(),
+                "topk_threshold": self.topk_threshold.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.n_forward_passes_since_fired.copy_(state["n_forward_passes_since_fired"])
+        self.topk_threshold = state["topk_threshold"].to(self.topk_threshold.device, torch.float64).clone()
+        self.dead = int(self.dead_mask().sum())
