@@ -120,10 +120,10 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
     cut = _candidate_cut(sample, n / flat.numel(), flat.numel())
     if cut is not None:
         if bias_F is None:
-            cand_idx = torch.nonzero(flat > cut).squeeze(1)
+            cand_idx = _sparse_nonzero(flat > cut)
         else:
             margin = 1e-4 * (abs(cut) + float(bias_F.abs().max()))
-            cand_idx = torch.nonzero((pre_BF > (cut - margin) - bias_F).view(-1)).squeeze(1)
+            cand_idx = _sparse_nonzero((pre_BF > (cut - margin) - bias_F).view(-1))
         if cand_idx.numel() >= n:
             cand_vals = flat.index_select(0, cand_idx)
             if bias_F is not None:
@@ -244,6 +244,17 @@ def _global_topk_indices(flat: torch.Tensor, n: int, comm: Collective) -> torch.
     tied_before = int(comm.cat(torch.tensor([tied.numel()], device=flat.device))[: comm.rank].sum())
     keep[tied[: max(0, n - n_above - tied_before)]] = True
     return cand_idx[keep]
+
+
+def _sparse_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """The sorted indices of a flat bool mask's few True entries (here ~1-10%): `nonzero` over its
+    8-byte words first, then within the words that hold any (half the time of one `nonzero` over the
+    bytes at 1%, measured)."""
+    if mask.numel() % 8:
+        return torch.nonzero(mask).squeeze(1)
+    hit = torch.nonzero(mask.view(torch.int64)).squeeze(1)
+    local = torch.nonzero(mask.view(-1, 8).index_select(0, hit).view(-1)).squeeze(1)
+    return hit.index_select(0, local // 8) * 8 + local % 8
 
 
 def _sample_slice(flat: torch.Tensor) -> slice:
