@@ -90,6 +90,8 @@ class Provenance:
     autocast_dtype: str | None = None
     init_from: str | None = None
     train_fingerprint: str | None = None  # what makes a finished SAE this train recipe's
+    algorithm: str | None = None  # train.algorithm: dictionary_learning or saelens (None: not recorded)
+    saelens: dict | None = None  # train.saelens, with the saelens algorithm: SAELens' training settings
     version: int | None = SCHEMA_VERSION  # None: written before the schema had versions
     threshold: ThresholdHistory | None = None  # set by `workbench threshold`
     other: dict[str, Any] = field(default_factory=dict)  # keys this version does not know, kept as they are
@@ -101,7 +103,8 @@ class Provenance:
               "drop_first_token": bool, "normalize_activations": bool, "norm_factor": float, "k_anneal_steps": int,
               "cache": str, "cache_fingerprint": str, "holdout_fraction": float, "eval_tokens": int,
               "tokens_trained": int, "steps": int, "batch_size": int, "data_lanes": int,
-              "dead_feature_threshold": int, "autocast_dtype": str, "init_from": str, "train_fingerprint": str}
+              "dead_feature_threshold": int, "autocast_dtype": str, "init_from": str, "train_fingerprint": str,
+              "algorithm": str, "saelens": dict}
 
     def records(self, key: str) -> bool:
         """Whether the section holds `key` (null included)."""

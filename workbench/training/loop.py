@@ -70,6 +70,7 @@ from workbench.provenance import Provenance
 from workbench.sae import SAE
 from workbench.sae.registry import ARCHITECTURES
 from workbench.tracking import Log, check_trackers, tracker_run
+from workbench.training.saelens_step import SAELensTrainer, init_weights_, scaling_factor
 from workbench.training.step import Trainer
 
 CHECKPOINT = "checkpoint.pt"
@@ -171,6 +172,15 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
     t = recipe.train
     cache.num_tokens(layer)  # a clear error for a layer the cache does not have
     steps = train_steps(t)
+    decay_start, k_anneal = _saelens_schedule(t, steps) if t.algorithm == "saelens" else _schedule(t, steps)
+    holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
+    identity = {"train": {k: v for k, v in train_identity(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
+                "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
+    return LayerPlan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
+
+
+def _schedule(t: TrainConfig, steps: int) -> tuple[int | None, int | None]:
+    """dictionary_learning's schedule points as steps (decay start, k annealing), checked against the run."""
     if steps <= t.warmup_steps:
         raise WorkbenchError(f"train.num_tokens {t.num_tokens} is {steps} steps of {t.batch_size} tokens, not more than "
                              f"train.warmup_steps ({t.warmup_steps}); raise num_tokens or lower warmup_steps")
@@ -181,10 +191,16 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
     k_anneal = schedule_step(t.k_anneal_steps, steps) or None
     if k_anneal is not None and k_anneal >= steps:
         raise WorkbenchError(f"train.k_anneal_steps resolves to {k_anneal} steps, not fewer than the {steps} steps of the run")
-    holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
-    identity = {"train": {k: v for k, v in train_identity(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
-                "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
-    return LayerPlan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
+    return decay_start, k_anneal
+
+
+def _saelens_schedule(t: TrainConfig, steps: int) -> tuple[None, None]:
+    """SAELens' schedule has no decay start or k annealing; its warmup and decay must fit in the run."""
+    s = t.saelens
+    if s.lr_warm_up_steps + s.lr_decay_steps > steps:
+        raise WorkbenchError(f"train.saelens.lr_warm_up_steps + lr_decay_steps ({s.lr_warm_up_steps} + {s.lr_decay_steps}) "
+                             f"exceed the {steps} steps of the run; lower them or raise train.num_tokens")
+    return None, None
 
 
 def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: LayerPlan) -> list[Path]:
@@ -204,7 +220,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
     if checkpoint is not None:
         norm_factor = checkpoint["norm_factor"]
     else:
-        norm_factor = _norm_factor(cache, layer, t, plan) if t.normalize_activations else 1.0
+        norm_factor = _norm_factor(cache, layer, t, plan)
     comm = Comm(acc)
     trainers = [_make_trainer(recipe, cache, layer, cfg, plan, comm, acc.device) for cfg in t.saes]
     if checkpoint is not None:
@@ -213,7 +229,10 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
         _set_rng_state(checkpoint["rng"])
     elif t.init_from is not None:
         for trainer in trainers:  # the loaded SAE works on raw activations; training sees x / norm_factor
-            trainer.sae.scale_biases(1 / norm_factor)
+            if isinstance(trainer, SAELensTrainer):
+                trainer.fold_scaling(norm_factor)  # undoes the fold at the end (input scale 1 / norm_factor)
+            else:
+                trainer.sae.scale_biases(1 / norm_factor)
     start = checkpoint["step"] if checkpoint is not None else 0
 
     def prepare_folders() -> None:
@@ -290,15 +309,21 @@ def _stop_if_nonfinite(trainers: list[Trainer], saes: list[SAEConfig], layer: in
 
 
 def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, plan: LayerPlan,
-                  comm: Comm, device: torch.device) -> Trainer:
+                  comm: Comm, device: torch.device) -> Trainer | SAELensTrainer:
     t = recipe.train
     if t.init_from is not None:
         sae = _load_init(t.init_from, layer, cfg, cache.d_model)
     else:
         torch.manual_seed(t.seed)  # as dictionary_learning: the trainer's seed, then the SAE
         sae = ARCHITECTURES[cfg.arch].build(cache.d_model, cfg.width, cfg.k, cfg.group_fractions)
-    sae.to(device)
     autocast = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
+    if t.algorithm == "saelens":
+        if t.init_from is None:
+            torch.manual_seed(t.seed)
+            init_weights_(sae, t.saelens.decoder_init_norm)
+        return SAELensTrainer(sae.to(device), plan.steps, t.saelens, fine_tune=t.init_from is not None,
+                              autocast_dtype=autocast, comm=comm)
+    sae.to(device)
     return Trainer(sae, plan.steps, lr=t.lr, warmup_steps=t.warmup_steps, decay_start=plan.decay_start,
                    k_anneal_steps=plan.k_anneal_steps, auxk_alpha=t.auxk_alpha, threshold_beta=t.threshold_beta,
                    threshold_start_step=t.threshold_start_step, dead_feature_threshold=t.dead_feature_threshold,
@@ -336,8 +361,20 @@ def _load_init(init_from: str, layer: int, cfg: SAEConfig, d_model: int) -> SAE:
 
 
 def _norm_factor(cache: ActivationCache, layer: int, t: TrainConfig, plan: LayerPlan) -> float:
-    """sqrt(mean ||x||^2) over the first NORM_SAMPLE_BATCHES training batches (one stream, so every
-    process computes the same factor)."""
+    """Training sees x / norm_factor (1.0: not normalised). dictionary_learning: sqrt(mean ||x||^2) over the first
+    NORM_SAMPLE_BATCHES training batches; SAELens' expected_average_only_in: 1 / its scaling factor, from the first
+    n_batches_for_norm_estimate. One stream, so every process computes the same factor."""
+    if t.algorithm == "saelens":
+        if t.saelens.normalize_activations == "none":
+            return 1.0
+        stream = cache.batches(layer, t.batch_size, seed=t.seed, holdout_fraction=plan.holdout_fraction)
+        try:
+            return 1 / scaling_factor(stream, cache.d_model, t.saelens.n_batches_for_norm_estimate)
+        except ValueError:
+            raise WorkbenchError(f"the cache has fewer training tokens in layer {layer} than one batch ({t.batch_size}); "
+                                 "lower train.batch_size or collect more tokens") from None
+    if not t.normalize_activations:
+        return 1.0
     mean_sq = []
     for i, x_BD in enumerate(cache.batches(layer, t.batch_size, seed=t.seed, holdout_fraction=plan.holdout_fraction)):
         mean_sq.append(x_BD.pow(2).sum(dim=1).mean().item())
@@ -397,13 +434,17 @@ def _finish(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, 
     """Fold the normalisation into the SAE, check it is finite, evaluate it on held-out tokens: what its
     folder gets (the SAE, config.json, eval_results.json)."""
     t, sae = recipe.train, trainer.sae
-    sae.scale_biases(norm_factor)
+    if isinstance(trainer, SAELensTrainer):  # SAELens' fit() and save_inference_model folds, threshold included
+        trainer.fold_for_inference(1 / norm_factor)
+    else:
+        sae.scale_biases(norm_factor)
     check_finite(sae, f"layer {layer}, SAE {cfg.name}")
     config = folder_config(recipe, cache, layer, cfg, trainer, plan, norm_factor)
     eval_results = None
     if t.eval_tokens > 0:
         eval_results = _evaluate(sae, cache, layer, t, plan)
-        eval_results["dead_latents_training"] = int((trainer.num_tokens_since_fired >= t.dead_feature_threshold).sum())
+        eval_results["dead_latents_training"] = int(trainer.dead_mask().sum() if isinstance(trainer, SAELensTrainer) else
+                                                    (trainer.num_tokens_since_fired >= t.dead_feature_threshold).sum())
     return sae, config, eval_results
 
 
@@ -441,9 +482,15 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
     t, sae, m = recipe.train, trainer.sae, cache.manifest
     device = str(sae.b_dec.device)
     model_name = m["recipe"]["model"]["name"]
+    saelens_run = t.algorithm == "saelens"
+    # With SAELens' algorithm, dictionary_learning's keys get their nearest SAELens values (aux coefficient,
+    # warmup, 1 - the threshold rate, from step 0); its own settings are the workbench section's `saelens`.
+    s = t.saelens
     trainer_cfg = dl_format.trainer_section(
-        sae, lr=trainer.lr, steps=plan.steps, auxk_alpha=t.auxk_alpha, warmup_steps=t.warmup_steps,
-        decay_start=plan.decay_start, threshold_beta=t.threshold_beta, threshold_start_step=t.threshold_start_step,
+        sae, lr=trainer.lr, steps=plan.steps, auxk_alpha=s.aux_loss_coefficient if saelens_run else t.auxk_alpha,
+        warmup_steps=s.lr_warm_up_steps if saelens_run else t.warmup_steps, decay_start=plan.decay_start,
+        threshold_beta=1 - s.topk_threshold_lr if saelens_run else t.threshold_beta,
+        threshold_start_step=0 if saelens_run else t.threshold_start_step,
         seed=t.seed, device=device, layer=layer, lm_name=model_name, group_fractions=cfg.group_fractions,
         group_weights=trainer.group_weights)
     buffer_cfg = dl_format.buffer_section(
@@ -453,13 +500,15 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         arch=cfg.arch, model=model_name, dataset=m["recipe"]["data"]["path"], layer=layer,
         sink_multiple=cache.sink_multiple, sink_median=m["recipe"]["collect"]["sink_median"],
         drop_first_token=cache.drop_first_token,
-        normalize_activations=t.normalize_activations, norm_factor=norm_factor,
+        normalize_activations=(s.normalize_activations != "none") if saelens_run else t.normalize_activations,
+        norm_factor=norm_factor,
         k_anneal_steps=trainer.k_anneal_steps,
         cache=str(cache.root.resolve()), cache_fingerprint=m["fingerprint"],
         holdout_fraction=plan.holdout_fraction, eval_tokens=t.eval_tokens,
         tokens_trained=plan.steps * t.batch_size, steps=plan.steps, batch_size=t.batch_size,
-        data_lanes=t.data_lanes, dead_feature_threshold=t.dead_feature_threshold,
-        autocast_dtype=t.autocast_dtype, init_from=t.init_from, train_fingerprint=plan.fingerprint)
+        data_lanes=t.data_lanes, dead_feature_threshold=None if saelens_run else t.dead_feature_threshold,
+        autocast_dtype=t.autocast_dtype, init_from=t.init_from, train_fingerprint=plan.fingerprint,
+        algorithm=t.algorithm, saelens=to_dict(s) if saelens_run else None)
     return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: provenance.to_dict()}
 
 
