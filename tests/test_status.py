@@ -111,3 +111,29 @@ def test_status_of_nothing_is_one_line_exit_2(tmp_path, capsys):
     assert main(["status", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err
     assert "is neither a recipe file nor a run folder" in err and err.count("\n") == 1
+
+
+def test_a_per_sae_stage_reads_running_while_it_runs_and_a_second_pipeline_is_refused(tmp_path, capsys):
+    """The per-SAE stages write into the SAE folders under no lock of collect's or train's: the pipeline
+    holds <train.out>/.stage/.lock naming the stage while one runs, which status reads (for the recipe and
+    for the run folder alone), and which makes a second pipeline fail at once."""
+    from workbench.errors import WorkbenchError
+    from workbench.pipeline import run_stage_locked
+
+    recipe = load_recipe(RECIPE, overrides(tmp_path))
+    seen = {}
+
+    def work() -> dict:
+        seen["recipe"] = states(status(RECIPE, overrides(tmp_path)))
+        seen["run"] = states(status(recipe.train.out))
+        try:
+            run_stage_locked(recipe, "eval", lambda: {})
+        except WorkbenchError as err:
+            seen["second"] = str(err)
+        return {}
+
+    run_stage_locked(recipe, "threshold", work)
+    assert seen["recipe"]["threshold"] == "running" and seen["recipe"]["eval"] == "not started"
+    assert seen["run"]["threshold"] == "running" and seen["run"]["eval"] == "not logged"
+    assert "is in use by workbench run, threshold stage (pid" in seen["second"]
+    assert states(status(RECIPE, overrides(tmp_path)))["threshold"] == "not started"  # released when it ends

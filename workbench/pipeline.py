@@ -27,9 +27,10 @@ from pathlib import Path
 
 from workbench.config import Recipe, fingerprint, to_dict
 from workbench.errors import WorkbenchError
-from workbench.files import read_json_object, write_json
+from workbench.files import folder_lock, read_json_object, write_json
 
 STATE_FILE = "pipeline.json"
+STAGE_LOCK = ".stage"  # <train.out>/.stage/.lock: held by the main process while a per-SAE stage runs
 STAGES = ("collect", "train", "threshold", "eval", "export", "verify", "features")
 
 
@@ -269,7 +270,8 @@ def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[st
                 info = RUNNERS[stage](recipe, recipe_path, overrides)
                 state.wait_for_everyone()
             else:  # on the main process; the others learn how it ended
-                info = _on_main(state, stage, lambda stage=stage: RUNNERS[stage](recipe, recipe_path, overrides))
+                info = _on_main(state, stage, lambda stage=stage: run_stage_locked(
+                    recipe, stage, lambda: RUNNERS[stage](recipe, recipe_path, overrides)))
         except WorkbenchError as err:
             if state.is_main_process:
                 _log_failure(recipe, stage, log, err)
@@ -278,6 +280,14 @@ def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[st
         if state.is_main_process:
             _log(recipe, stage, log, info)
     return log
+
+
+def run_stage_locked(recipe: Recipe, stage: str, work: Callable[[], dict]) -> dict:
+    """A per-SAE stage (they write into the SAE folders, which no lock of collect's or train's covers) runs
+    holding <train.out>/.stage/.lock, which names it: `workbench status` reports it running, and a second
+    pipeline on the same run fails at once instead of writing the same files."""
+    with folder_lock(Path(recipe.train.out) / STAGE_LOCK, f"workbench run, {stage} stage"):
+        return work()
 
 
 def _from_main(state, decide: Callable[[], bool]) -> bool:

@@ -3,7 +3,8 @@
 For a recipe, each stage is judged by the pipeline's own check (`pipeline.is_done`):
 
     done          its outputs are there and current
-    running       a process holds its folder's lock (collect.out for collect, train.out for train)
+    running       a process holds its lock (collect.out's for collect, train.out's for train, and for the
+                  per-SAE stages <train.out>/.stage's, whose holder names the stage)
     stopped       it has partial outputs (shards, a checkpoint) and nothing holds the lock: re-run to resume
     failed        the last run ended in it with the error shown (pipeline.json's `failed` entry)
     not started   none of the above
@@ -11,8 +12,7 @@ For a recipe, each stage is judged by the pipeline's own check (`pipeline.is_don
 with the shards written of those expected, each layer's checkpoint step of its planned steps, an ETA
 while it runs (from the shards' times, and training's tokens/s in metrics.jsonl), and the disk used by
 the cache, the run and the export. Nothing is written or locked: the lock is probed with a shared
-non-blocking flock, released at once. The per-SAE stages hold no lock, so while one of them runs it
-reads "not started". For a run folder (train.out) without its recipe, what its own files say: the
+non-blocking flock, released at once. For a run folder (train.out) without its recipe, what its own files say: the
 logged stages, the lock, each layer's checkpoint step.
 """
 
@@ -64,6 +64,21 @@ def lock_held(folder: str | Path) -> bool:
     return False
 
 
+def stage_running(run: str | Path) -> str | None:
+    """The per-SAE stage a pipeline is running now in the run folder (train.out): the one its held
+    <train.out>/.stage lock names."""
+    from workbench.pipeline import STAGE_LOCK, STAGES
+
+    folder = Path(run) / STAGE_LOCK
+    if not lock_held(folder):
+        return None
+    try:
+        holder = (folder / ".lock").read_text()
+    except OSError:
+        return None
+    return next((stage for stage in STAGES if f"{stage} stage" in holder), None)
+
+
 def disk_used(folder: str | Path) -> int:
     """Bytes of the files under `folder` (0 when it does not exist)."""
     total = 0
@@ -109,7 +124,11 @@ def _recipe_status(recipe, recipe_path: str) -> Status:
         elif stage == "train":
             running = lock_held(recipe.train.out)
             detail, partial = _train_detail(recipe, st, running)
-        if _done(stage, recipe, log):
+        else:
+            running = stage_running(recipe.train.out) == stage
+        if running and stage not in ("collect", "train"):
+            state = "running"  # before _done: a stage being redone can still look done from its old files
+        elif _done(stage, recipe, log):
             state = "done"
             detail = detail or (f"logged {log[stage]['finished']}" if stage in log else "found from its files")
         elif running:
@@ -226,8 +245,8 @@ def _run_status(run: Path) -> Status:
     for stage in STAGES:
         if isinstance(log.get(stage), dict) and "finished" in log[stage]:
             st.stages.append(StageStatus(stage, "done", f"logged {log[stage]['finished']}"))
-        elif stage == "train" and lock_held(run):
-            st.stages.append(StageStatus(stage, "running", "; ".join(parts)))
+        elif (stage == "train" and lock_held(run)) or stage_running(run) == stage:
+            st.stages.append(StageStatus(stage, "running", "; ".join(parts) if stage == "train" else ""))
         elif failed is not None and failed.get("stage") == stage:
             st.stages.append(StageStatus(stage, "failed"))
         else:
