@@ -36,9 +36,10 @@ from the global batch (`workbench.dist.Comm`) and the gradients are averaged.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
+from torch.nn.functional import mse_loss
 from torch.optim import lr_scheduler
 
 from workbench.config import SAELensTrainConfig
@@ -107,7 +108,11 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, *, lr: float,
 class SAELensTrainer:
     """One SAE's optimisation as SAELens' SAETrainer does it: Adam, its lr schedule, the step-counted dead
     latents and the float64 topk_threshold EMA. `settings` is train.saelens; `fine_tune` continues from a
-    loaded (folded) SAE and its threshold instead of initialising."""
+    loaded (folded) SAE and its threshold instead of initialising.
+
+    The trainer optimises its own copy of the weights in SAELens' layout and order (b_dec [D], W_dec [F, D],
+    W_enc [D, F], b_enc [F], each contiguous), so that every product, reduction and the clipping norm runs
+    on the memory layouts SAELens' runs on; the module `sae` receives them at `fold_for_inference`."""
 
     k_anneal_steps = None  # SAELens has no k annealing (read by the loop's config.json)
     group_weights = None  # its Matryoshka levels' losses are added unweighted
@@ -124,8 +129,10 @@ class SAELensTrainer:
         self.comm = comm or Comm()
         # Matryoshka levels: cumulative widths, the last = F (SAELens' matryoshka_widths)
         self.widths = sae.group_bounds[1:] if architecture_of(sae).grouped else None
+        self.params = {name: torch.nn.Parameter(value.detach().contiguous().clone()) for name, value in
+                       (("b_dec", sae.b_dec), ("W_dec", sae.W_dec_FD), ("W_enc", sae.W_enc_DF), ("b_enc", sae.b_enc_F))}
         device = sae.b_dec.device
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2))
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2))
         self.scheduler = make_lr_scheduler(self.optimizer, s.lr_scheduler_name, lr=s.lr, warm_up_steps=s.lr_warm_up_steps,
                                            decay_steps=s.lr_decay_steps, training_steps=steps,
                                            lr_end=s.lr / 10 if s.lr_end is None else s.lr_end,
@@ -140,29 +147,30 @@ class SAELensTrainer:
     def update(self, x_BD: torch.Tensor, log: bool = False) -> dict[str, float]:
         """One step on this process's share x_BD [B, D] of the global batch (already scaled). Returns the
         step's statistics over the global batch when `log` (loss, mse, auxk_loss, l0,
-        frac_variance_explained, dead, threshold, lr, k), else {}."""
-        sae, comm, s = self.sae, self.comm, self.settings
+        frac_variance_explained, dead, threshold, lr, k), else {}.
+
+        The operations come in SAELens' order, each decoder norm computed where SAELens computes one, so that
+        autograd accumulates the gradients in the same order."""
+        comm, s, P = self.comm, self.settings, self.params
+        W_dec_FD, b_dec_D = P["W_dec"], P["b_dec"]
         dead_F = self.n_forward_passes_since_fired > s.dead_feature_window  # before this step's update
         with self._autocast():
-            W_dec_FD = sae.W_dec_FD
-            hidden_pre_BF = sae.hidden_pre(x_BD)
-            inv_norm_F = None
+            # SAELens subtracts b_dec * apply_b_dec_to_input (True): the same node, so the same gradient order
+            hidden_pre_BF = (x_BD - b_dec_D * True) @ P["W_enc"] + P["b_enc"]
             if s.rescale_acts_by_decoder_norm:
                 hidden_pre_BF = hidden_pre_BF * W_dec_FD.norm(dim=-1)
-                inv_norm_F = 1 / W_dec_FD.norm(dim=-1)
             f_BF = self._batch_topk(hidden_pre_BF.relu())
-            latents_BF = f_BF if inv_norm_F is None else f_BF * inv_norm_F  # in units of unit decoder rows
-            x_hat_BD = latents_BF @ W_dec_FD + sae.b_dec
-            mse = (x_hat_BD - x_BD).pow(2).sum(dim=-1).mean()
-            levels = None if self.widths is None else self._levels(latents_BF, W_dec_FD)
-            if levels is not None and s.use_matryoshka_aux_loss:
-                aux = self._matryoshka_aux_loss(x_BD, levels, hidden_pre_BF, dead_F, W_dec_FD)
+            x_hat_BD = self._unit_latents(f_BF) @ W_dec_FD + b_dec_D
+            mse = mse_loss(x_hat_BD, x_BD, reduction="none").sum(dim=-1).mean()
+            if self.widths is not None and s.use_matryoshka_aux_loss:
+                aux = self._matryoshka_aux_loss(x_BD, f_BF, hidden_pre_BF, dead_F)
             else:
-                aux = self._aux_loss(x_BD, x_hat_BD, hidden_pre_BF, dead_F, W_dec_FD, inv_norm_F)
-            loss = mse + aux  # SAELens' order of the sum: the outer loss, the aux loss, then each inner level
-            for inner_BD in (levels or [])[:-1]:  # the outer level is x_hat itself
-                loss = loss + (inner_BD - x_BD).pow(2).sum(dim=-1).mean()
+                aux = self._aux_loss(x_BD, x_hat_BD, hidden_pre_BF, dead_F)
+            loss = mse + aux
             self._update_threshold(f_BF)
+            if self.widths is not None:  # the outer level is x_hat itself
+                for _, _, inner_BD in self._levels(f_BF, outer=False):
+                    loss = loss + mse_loss(inner_BD, x_BD, reduction="none").sum(dim=-1).mean()
             with torch.no_grad():
                 fired_F = comm.sum((f_BF != 0).sum(dim=0)) > 0
                 self.n_forward_passes_since_fired += 1
@@ -170,7 +178,7 @@ class SAELensTrainer:
         bad = ~torch.isfinite(loss.detach())
         self._nonfinite_at = torch.where(bad & (self._nonfinite_at == 0), self.step + 1, self._nonfinite_at)
         loss.backward()
-        params = list(sae.parameters())
+        params = list(P.values())
         self._average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -182,6 +190,12 @@ class SAELensTrainer:
         if not log:
             return {}
         return self._log(x_BD, x_hat_BD, f_BF, loss, mse, aux, lr)
+
+    def _unit_latents(self, f_BF: torch.Tensor) -> torch.Tensor:
+        """Latents in units of unit decoder rows: f / |W_dec row| with rescaled acts, else f."""
+        if not self.settings.rescale_acts_by_decoder_norm:
+            return f_BF
+        return f_BF * (1 / self.params["W_dec"].norm(dim=-1))
 
     def _batch_topk(self, acts_BF: torch.Tensor) -> torch.Tensor:
         """The k*B largest entries of the global batch's acts (B: the global batch), zeros elsewhere. Each
@@ -196,54 +210,54 @@ class SAELensTrainer:
             winners = comm.cat(vals_N.detach()).topk(self.k * B * comm.world_size).indices
             mine = winners[(winners >= comm.rank * n) & (winners < (comm.rank + 1) * n)] - comm.rank * n
             vals_N, idx_N = vals_N[mine], idx_N[mine]
-        return torch.zeros_like(flat_N).scatter(0, idx_N, vals_N).view(B, F)
+        return torch.zeros_like(flat_N).scatter(-1, idx_N, vals_N).view(B, F)
 
-    def _levels(self, latents_BF: torch.Tensor, W_dec_FD: torch.Tensor) -> list[torch.Tensor]:
-        """Each Matryoshka level's reconstruction [B, D]: b_dec plus the latents below its width, cumulatively."""
-        decoded_BD, levels, start = self.sae.b_dec, [], 0
-        for width in self.widths:
+    def _levels(self, f_BF: torch.Tensor, outer: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """(start, width, reconstruction [B, D]) of each Matryoshka level in turn, the outer one only when
+        `outer`: b_dec plus the latents below its width, cumulatively. Lazy, as SAELens' _iterable_decode: each
+        level's graph is built after the previous level's loss."""
+        latents_BF, W_dec_FD = self._unit_latents(f_BF), self.params["W_dec"]
+        decoded_BD, start = self.params["b_dec"], 0
+        for width in self.widths if outer else self.widths[:-1]:
             decoded_BD = latents_BF[:, start:width] @ W_dec_FD[start:width] + decoded_BD
-            levels.append(decoded_BD)
+            yield start, width, decoded_BD
             start = width
-        return levels
 
-    def _aux_loss(self, x_BD, x_hat_BD, hidden_pre_BF, dead_F, W_dec_FD, inv_norm_F) -> torch.Tensor:
+    def _aux_loss(self, x_BD, x_hat_BD, hidden_pre_BF, dead_F) -> torch.Tensor:
         """coefficient * min(n_dead / k_aux, 1) * ||residual - top-k_aux dead latents' reconstruction||^2."""
         n_dead = int(dead_F.sum())
         if n_dead == 0:
             return x_hat_BD.new_zeros(())
+        residual_BD = (x_BD - x_hat_BD).detach()
         k_aux = x_BD.shape[-1] // 2
         scale = min(n_dead / k_aux, 1.0)
         aux_BF = self._dead_topk(hidden_pre_BF, dead_F, min(k_aux, n_dead))
-        if inv_norm_F is not None:
-            aux_BF = aux_BF * inv_norm_F
-        residual_BD = (x_BD - x_hat_BD).detach()
-        l2 = (aux_BF @ W_dec_FD - residual_BD).pow(2).sum(dim=-1).mean()
+        l2 = (self._unit_latents(aux_BF) @ self.params["W_dec"] - residual_BD).pow(2).sum(dim=-1).mean()
         return self.settings.aux_loss_coefficient * scale * l2
 
-    def _matryoshka_aux_loss(self, x_BD, levels, hidden_pre_BF, dead_F, W_dec_FD) -> torch.Tensor:
+    def _matryoshka_aux_loss(self, x_BD, f_BF, hidden_pre_BF, dead_F) -> torch.Tensor:
         """Matryoshka's own aux loss: per level, its dead latents reconstruct that level's residual; summed."""
         if int(dead_F.sum()) == 0:
             return x_BD.new_zeros(())
         k_aux = x_BD.shape[-1] // 2
+        W_dec_FD = self.params["W_dec"]
         if self.settings.rescale_acts_by_decoder_norm:
             W_dec_FD = W_dec_FD / W_dec_FD.norm(dim=-1, keepdim=True)
-        losses, start = [], 0
-        for width, level_BD in zip(self.widths, levels, strict=True):
+        losses = []
+        for start, width, level_BD in self._levels(f_BF, outer=True):
             n_dead = int(dead_F[start:width].sum())
             if n_dead:
-                aux_BW = self._dead_topk(hidden_pre_BF[:, start:width], dead_F[start:width], min(k_aux, n_dead))
                 residual_BD = (x_BD - level_BD).detach()
+                aux_BW = self._dead_topk(hidden_pre_BF[:, start:width], dead_F[start:width], min(k_aux, n_dead))
                 l2 = (aux_BW @ W_dec_FD[start:width] - residual_BD).pow(2).sum(dim=-1).mean()
                 losses.append(min(n_dead / k_aux, 1.0) * l2)
-            start = width
         return self.settings.aux_loss_coefficient * torch.stack(losses).sum()
 
     @staticmethod
     def _dead_topk(hidden_pre_BF: torch.Tensor, dead_F: torch.Tensor, k: int) -> torch.Tensor:
         """Each token's k largest hidden_pre among the dead latents (negative ones too), zeros elsewhere."""
         top = torch.where(dead_F[None], hidden_pre_BF, -torch.inf).topk(k, sorted=False)
-        return torch.zeros_like(hidden_pre_BF).scatter(-1, top.indices, top.values)
+        return torch.zeros_like(hidden_pre_BF).scatter_(-1, top.indices, top.values)
 
     @torch.no_grad()
     def _update_threshold(self, f_BF: torch.Tensor) -> None:
@@ -251,7 +265,7 @@ class SAELensTrainer:
         as it is when nothing in the global batch fired."""
         positive = f_BF[f_BF > 0]
         local_min = positive.min() if positive.numel() else f_BF.new_tensor(torch.inf)
-        smallest = self.comm.cat(local_min.float().reshape(1)).min()
+        smallest = self.comm.cat(local_min.reshape(1)).min()
         if torch.isfinite(smallest):
             with torch.autocast(self.topk_threshold.device.type, enabled=False):
                 lr = self.settings.topk_threshold_lr
@@ -270,12 +284,17 @@ class SAELensTrainer:
 
     @torch.no_grad()
     def fold_for_inference(self, scale: float = 1.0) -> None:
-        """Turn the training SAE into the inference SAE that SAELens saves, in place (what its fit() does at the
-        end, then save_inference_model): `fold_scaling(scale)`, `fold_decoder_norms()`, and threshold =
-        topk_threshold. The module then works on raw activations, per token at its threshold."""
+        """Turn the training SAE into the inference SAE that SAELens saves (what its fit() does at the end, then
+        save_inference_model): `fold_scaling(scale)`, `fold_decoder_norms()`, and threshold = topk_threshold,
+        written into the module `sae`, which then works on raw activations, per token at its threshold."""
         self.fold_scaling(scale)
         self.fold_decoder_norms()
-        self.sae.threshold.fill_(self.topk_threshold.item())
+        sae, P = self.sae, self.params
+        sae.W_enc_DF.copy_(P["W_enc"])
+        sae.W_dec_FD.copy_(P["W_dec"])
+        sae.b_enc_F.copy_(P["b_enc"])
+        sae.b_dec.copy_(P["b_dec"])
+        sae.threshold.fill_(self.topk_threshold.item())
 
     @torch.no_grad()
     def fold_scaling(self, scale: float) -> None:
@@ -284,10 +303,10 @@ class SAELensTrainer:
         SAELens #763): the same latents from raw x, the reconstruction in raw units."""
         if scale == 1.0:
             return
-        sae = self.sae
-        sae.W_enc_DF.mul_(scale)
-        sae.W_dec_FD.div_(scale)
-        sae.b_dec.div_(scale)
+        P = self.params
+        P["W_enc"].mul_(scale)
+        P["W_dec"].div_(scale)
+        P["b_dec"].div_(scale)
         if self.settings.rescale_acts_by_decoder_norm:
             self.topk_threshold /= scale
 
@@ -298,18 +317,16 @@ class SAELensTrainer:
         training's rescaled pre-activation and the decoder rows have unit norm. Without, nothing changes."""
         if not self.settings.rescale_acts_by_decoder_norm:
             return
-        sae = self.sae
-        norm_F = sae.W_dec_FD.norm(dim=-1).clamp(min=1e-8)
-        sae.b_enc_F.mul_(norm_F)
-        sae.W_dec_FD.div_(norm_F[:, None])
-        sae.W_enc_DF.mul_(norm_F[None, :])
+        P = self.params
+        norm_F = P["W_dec"].norm(dim=-1).clamp(min=1e-8)
+        P["b_enc"].mul_(norm_F)
+        P["W_dec"].div_(norm_F[:, None])
+        P["W_enc"].mul_(norm_F[None, :])
 
     def training_state(self) -> dict[str, torch.Tensor]:
         """The SAE in SAELens' training state-dict contract: W_enc [D, F], W_dec [F, D], b_enc [F], b_dec [D],
         topk_threshold [] float64."""
-        sae = self.sae
-        return {"W_enc": sae.W_enc_DF.detach().contiguous(), "W_dec": sae.W_dec_FD.detach().contiguous(),
-                "b_enc": sae.b_enc_F.detach().clone(), "b_dec": sae.b_dec.detach().clone(),
+        return {**{name: p.detach().clone() for name, p in self.params.items()},
                 "topk_threshold": self.topk_threshold.clone()}
 
     def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
@@ -323,7 +340,7 @@ class SAELensTrainer:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.sae.b_dec.device.type, dtype=self.autocast_dtype)
+        return torch.autocast(device_type=self.params["b_dec"].device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def _log(self, x_BD, x_hat_BD, f_BF, loss, mse, aux, lr: float) -> dict[str, float]:
@@ -343,16 +360,17 @@ class SAELensTrainer:
                 "threshold": float(self.topk_threshold), "lr": lr, "k": self.k}
 
     def state_dict(self) -> dict:
-        return {"sae": self.sae.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"params": self.training_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "n_forward_passes_since_fired": self.n_forward_passes_since_fired.clone(),
-                "topk_threshold": self.topk_threshold.clone()}
+                "n_forward_passes_since_fired": self.n_forward_passes_since_fired.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sae.load_state_dict(state["sae"])
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(state["params"][name])
+        self.topk_threshold = state["params"]["topk_threshold"].to(self.topk_threshold.device, torch.float64).clone()
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.n_forward_passes_since_fired.copy_(state["n_forward_passes_since_fired"])
-        self.topk_threshold = state["topk_threshold"].to(self.topk_threshold.device, torch.float64).clone()
         self.dead = int(self.dead_mask().sum())
