@@ -121,6 +121,7 @@ def test_a_per_sae_stage_reads_running_while_it_runs_and_a_second_pipeline_is_re
     from workbench.pipeline import run_stage_locked
 
     recipe = load_recipe(RECIPE, overrides(tmp_path))
+    Path(recipe.train.out).mkdir(parents=True)  # made by training; with no train.out there is nothing to guard
     seen = {}
 
     def work() -> dict:

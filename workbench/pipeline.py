@@ -286,6 +286,8 @@ def run_stage_locked(recipe: Recipe, stage: str, work: Callable[[], dict]) -> di
     """A per-SAE stage (they write into the SAE folders, which no lock of collect's or train's covers) runs
     holding <train.out>/.stage/.lock, which names it: `workbench status` reports it running, and a second
     pipeline on the same run fails at once instead of writing the same files."""
+    if not Path(recipe.train.out).is_dir():
+        return work()  # no SAE folders to guard; the stage itself says what is missing (the lock would create it)
     with folder_lock(Path(recipe.train.out) / STAGE_LOCK, f"workbench run, {stage} stage"):
         return work()
 
