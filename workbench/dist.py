@@ -113,3 +113,11 @@ class Comm:
     def batch_mean(self, t_B: torch.Tensor) -> torch.Tensor:
         """Mean over the global batch of a per-token quantity [B, ...] -> [...]."""
         return t_B.mean(0) if self.acc is None else self.mean(t_B.mean(0))
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Each parameter's gradient averaged across processes, in one flat all-reduce (every one has a grad)."""
+        if self.acc is None:
+            return
+        flat = self.mean(torch.cat([p.grad.reshape(-1) for p in params]))
+        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad.copy_(g.view_as(p.grad))

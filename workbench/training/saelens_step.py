@@ -179,7 +179,7 @@ class SAELensTrainer:
         self._nonfinite_at = torch.where(bad & (self._nonfinite_at == 0), self.step + 1, self._nonfinite_at)
         loss.backward()
         params = list(P.values())
-        self._average_gradients(params)
+        self.comm.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -328,14 +328,6 @@ class SAELensTrainer:
         topk_threshold [] float64."""
         return {**{name: p.detach().clone() for name, p in self.params.items()},
                 "topk_threshold": self.topk_threshold.clone()}
-
-    def _average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Across processes, the gradients averaged in one flat all-reduce (every parameter has one here)."""
-        if self.comm.world_size == 1:
-            return
-        flat = self.comm.mean(torch.cat([p.grad.reshape(-1) for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            p.grad.copy_(g.view_as(p.grad))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

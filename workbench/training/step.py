@@ -266,11 +266,7 @@ class Trainer:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        if self.comm.world_size == 1:
-            return
-        flat = self.comm.mean(torch.cat([p.grad.reshape(-1) for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-            p.grad.copy_(g.view_as(p.grad))
+        self.comm.average_gradients(params)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
