@@ -353,3 +353,13 @@ def test_every_written_folder_loads_in_dictionary_learning_with_the_same_outputs
             # the same latents fire on both sides, so the counts are equal and the losses agree to fp32
             # rounding of their sums (~1e-7 relative)
             assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_a_checkpoint_with_foreign_read_positions_is_one_clear_error(cache, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", cache, tmp_path / "out", num_tokens=256 * 100,
+                                      checkpoint_every=50))
+    from workbench.training.loop import global_batches, layer_plans
+
+    plan = layer_plans(recipe)[LAYER]
+    with pytest.raises(WorkbenchError, match=r"records read positions for lanes \[0, 1\], not the 8 of train.data_lanes"):
+        next(global_batches(cache, LAYER, [0], recipe.train, plan, 50, {0: {}, 1: {}}))

@@ -396,6 +396,9 @@ def global_batches(root: Path, layer: int, lanes: list[int], t: TrainConfig, pla
     lanes, concatenated, each with the lanes' read positions after it (what a checkpoint records).
     positions: the checkpoint's, by lane; None (a checkpoint written before reader positions existed)
     skips the first `start` batches of each lane by reading them."""
+    if positions is not None and sorted(positions) != list(range(t.data_lanes)):
+        raise WorkbenchError(f"the layer {layer} checkpoint records read positions for lanes {sorted(positions)}, not the "
+                             f"{t.data_lanes} of train.data_lanes; delete {CHECKPOINT} to start the layer over")
     with ActivationCache(root) as cache:  # its own file handles: this runs in the prefetch thread
         streams = [_lane(cache, layer, lane, t, plan, None if positions is None else positions[lane],
                          skip=start if positions is None else 0) for lane in lanes]
