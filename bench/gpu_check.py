@@ -235,8 +235,8 @@ def step_training(cache: Path, layer: int, tmp: Path, results: dict) -> list[tor
     with ActivationCache(cache) as c:
         plan = plan_layer(recipe, c, layer)
     n = WARMUP + SIZES["timed_steps"]
-    batches = [x.to(DEVICE) for x in itertools.islice(
-        global_batches(cache, layer, list(range(recipe.train.data_lanes)), recipe.train, plan, 0), n)]
+    batches = [x.to(DEVICE) for x, _ in itertools.islice(
+        global_batches(cache, layer, list(range(recipe.train.data_lanes)), recipe.train, plan, 0, None), n)]
     per_sae = {}
     for w, k in SIZES["saes"]:
         seconds = time_trainer(w, k, batches)

@@ -128,8 +128,8 @@ def hdf5_vs_memory(steps: int, workdir: Path) -> dict:
     write_cache(root, D, "float32", (steps + WARMUP + 8) * B * 10 // 9)
     t = TrainConfig(batch_size=B, data_lanes=8, seed=0)
     plan = LayerPlan(steps=steps + WARMUP, decay_start=None, k_anneal_steps=None, holdout_fraction=0.0, fingerprint="bench")
-    in_memory = list(global_batches(root, 0, list(range(8)), t, plan, 0))
-    fed = time_workbench(BATCHTOPK, prefetch(global_batches(root, 0, list(range(8)), t, plan, 0)))
+    in_memory = [x_BD for x_BD, _ in global_batches(root, 0, list(range(8)), t, plan, 0, None)]
+    fed = time_workbench(BATCHTOPK, (x_BD for x_BD, _ in prefetch(global_batches(root, 0, list(range(8)), t, plan, 0, None))))
     memory = time_workbench(BATCHTOPK, in_memory)
     return {"hdf5_s": fed, "memory_s": memory, "ratio": memory / fed}
 
