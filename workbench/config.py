@@ -74,6 +74,10 @@ class CollectConfig:
     drop_first_token: bool = True  # the BOS token, or the first non-pad token when there is no BOS
     store_dtype: str = "model"  # model | bfloat16 | float16 | float32
     shard_batches: int = 16  # forward batches per shard file: the unit of resume after a crash
+    # The cache as a bounded buffer (workbench/cache/buffer.py): null keeps every shard; N makes collection
+    # wait while N shards that training has not released are on disk, and training deletes what it consumed.
+    max_shards_on_disk: int | None = None
+    holdout_shards: int = 1  # with max_shards_on_disk: the first shards, held out from training and kept
     out: str = "checkpoints/cache"
     device: str | None = None  # default: Accelerate's device for this process
 
@@ -86,6 +90,7 @@ class SAEConfig:
     k: int = 32  # latents a token on average (batch top-k), at most width
     group_fractions: list[float] | None = None  # matryoshka: fractions of width, each > 0, summing to 1
     group_weights: list[float] | None = None  # matryoshka: loss weight per group, >= 0 (default 1/n_groups)
+    algorithm: str | None = None  # dictionary_learning | saelens: this SAE's training algorithm; null: train.algorithm
 
 
 TRAIN_ALGORITHMS = ("dictionary_learning", "saelens")  # train.algorithm: whose training step trains the SAEs
@@ -140,15 +145,25 @@ class TrainConfig:
     checkpoint_every: int = 1000
     eval_tokens: int = 50_000  # held-out cache tokens for eval_results.json
     data_lanes: int = 8  # the cache is read as this many interleaved streams; processes must divide it
+    shuffle_shards: int = 8  # a bounded cache (collect.max_shards_on_disk) is shuffled within windows of this many shards
     seed: int = 0
     out: str = "checkpoints/saes"
 
 
+def sae_algorithm(t: TrainConfig, sae: SAEConfig) -> str:
+    """The algorithm that trains one SAE: its own train.saes[i].algorithm, else train.algorithm."""
+    return sae.algorithm or t.algorithm
+
+
 def train_identity(t: TrainConfig) -> dict:
-    """The train section as plain data, for fingerprints: with the default algorithm, without the algorithm
-    keys, so that SAEs and checkpoints from before train.algorithm existed stay valid."""
+    """The train section as plain data, for fingerprints, without what changes no result, so that SAEs and
+    checkpoints from before train.algorithm (and train.saes[i].algorithm) existed stay valid: an SAE's
+    algorithm where it is the recipe's, and the algorithm keys where every SAE trains with the default."""
     data = to_dict(t)
-    if t.algorithm == TRAIN_ALGORITHMS[0]:
+    for sae, entry in zip(t.saes, data["saes"], strict=True):
+        if sae_algorithm(t, sae) == t.algorithm:
+            del entry["algorithm"]
+    if t.algorithm == TRAIN_ALGORITHMS[0] and all(sae_algorithm(t, sae) == t.algorithm for sae in t.saes):
         del data["algorithm"], data["saelens"]
     return data
 
@@ -519,6 +534,7 @@ def validate(recipe: Recipe) -> None:
     _positive("data.num_tokens", d.num_tokens)
     _positive("collect.batch_size", c.batch_size)
     _positive("collect.shard_batches", c.shard_batches)
+    _validate_buffer(c, t)
     if c.sink_multiple is not None and not c.sink_multiple > 0:
         raise WorkbenchError(f"collect.sink_multiple must be > 0 or null (got {c.sink_multiple})")
     if not c.layers:
@@ -555,6 +571,21 @@ def validate(recipe: Recipe) -> None:
     _positive("features.top", recipe.features.top)
     if type(recipe.features.window) is not int or recipe.features.window < 0:
         raise WorkbenchError(f"features.window must be an integer >= 0 (got {recipe.features.window!r})")
+
+
+def _validate_buffer(c: CollectConfig, t: TrainConfig) -> None:
+    """The bounded buffer's keys: training holds one window of train.shuffle_shards shards while the next is
+    written, and the layers it trains in step drift apart by part of a window, so the buffer holds two."""
+    _positive("train.shuffle_shards", t.shuffle_shards)
+    if c.max_shards_on_disk is None:
+        return
+    _positive("collect.max_shards_on_disk", c.max_shards_on_disk)
+    _positive("collect.holdout_shards", c.holdout_shards)
+    if c.max_shards_on_disk < 2 * t.shuffle_shards:
+        raise WorkbenchError(f"collect.max_shards_on_disk ({c.max_shards_on_disk}) is smaller than twice train.shuffle_shards "
+                             f"({t.shuffle_shards}): training holds one shuffle window of shards while the next is "
+                             f"written; set collect.max_shards_on_disk={2 * t.shuffle_shards} or more, or lower "
+                             "train.shuffle_shards")
 
 
 def _validate_train(t: TrainConfig) -> None:
@@ -601,30 +632,54 @@ def _validate_train(t: TrainConfig) -> None:
     for i, sae in enumerate(t.saes):
         _validate_sae(sae, f"train.saes[{i}] ({sae.name})")
     _choice("train.algorithm", t.algorithm, TRAIN_ALGORITHMS)
-    if t.algorithm == "saelens":
-        _validate_saelens(t)
+    for i, sae in enumerate(t.saes):
+        if sae.algorithm is not None:
+            _choice(f"train.saes[{i}] ({sae.name}).algorithm", sae.algorithm, TRAIN_ALGORITHMS)
+    _validate_algorithm_keys(t)
 
 
 # dictionary_learning's train keys and what SAELens calls them (train.saelens.<key>), or None where it has none.
 _DL_ONLY_KEYS = {"lr": "lr", "warmup_steps": "lr_warm_up_steps", "decay_start": "lr_decay_steps",
                  "k_anneal_steps": None, "threshold_start_step": None, "threshold_beta": "topk_threshold_lr",
-                 "auxk_alpha": "aux_loss_coefficient", "dead_feature_threshold": "dead_feature_window",
-                 "normalize_activations": "normalize_activations"}
+                 "auxk_alpha": "aux_loss_coefficient", "dead_feature_threshold": "dead_feature_window"}
+def _validate_algorithm_keys(t: TrainConfig) -> None:
+    """Each algorithm's keys apply to the SAEs it trains (train.saes[i].algorithm, else train.algorithm); those of
+    an algorithm no SAE trains with must be left at their defaults (they would be silently unused). The input
+    normalisation is the layer's, train.algorithm's, whichever algorithm trains each SAE."""
+    used = {sae_algorithm(t, sae) for sae in t.saes}
+    defaults = TrainConfig()
+    if "dictionary_learning" not in used:
+        for key, theirs in _DL_ONLY_KEYS.items():
+            if getattr(t, key) != getattr(defaults, key):
+                instead = f"set train.saelens.{theirs}" if theirs else "SAELens has no such setting"
+                raise WorkbenchError(f"train.{key} is dictionary_learning's setting, unused when every SAE trains with "
+                                     f"SAELens' algorithm: remove it ({instead})")
+    if "saelens" not in used:
+        changed = [f.name for f in fields(SAELensTrainConfig) if getattr(t.saelens, f.name) != getattr(defaults.saelens, f.name)]
+        if changed:
+            raise WorkbenchError(f"train.saelens.{changed[0]} is set but no SAE trains with SAELens' algorithm: remove it, "
+                                 "or set train.algorithm (or a train.saes[i].algorithm) to saelens")
+    # every SAE of a layer reads the same scaled batches: the other algorithm's normalisation keys are unused
+    if t.algorithm == "saelens" and t.normalize_activations != defaults.normalize_activations:
+        raise WorkbenchError("train.normalize_activations is dictionary_learning's setting, unused with train.algorithm "
+                             "saelens (a layer's input normalisation is train.algorithm's, for each of its SAEs): remove it "
+                             "(set train.saelens.normalize_activations)")
+    if t.algorithm == "dictionary_learning":
+        for key in ("normalize_activations", "n_batches_for_norm_estimate"):
+            if getattr(t.saelens, key) != getattr(defaults.saelens, key):
+                raise WorkbenchError(f"train.saelens.{key} is unused with train.algorithm dictionary_learning: a layer's "
+                                     "input normalisation is train.algorithm's, for each of its SAEs (here "
+                                     "train.normalize_activations); remove it")
+    if "saelens" in used:
+        _validate_saelens(t)
 
 
 def _validate_saelens(t: TrainConfig) -> None:
-    """train.algorithm saelens: dictionary_learning's own keys must be left at their defaults (they would be
-    silently unused), and train.saelens within SAELens' ranges."""
-    defaults = TrainConfig()
-    for key, theirs in _DL_ONLY_KEYS.items():
-        if getattr(t, key) != getattr(defaults, key):
-            instead = f"set train.saelens.{theirs}" if theirs else "SAELens has no such setting"
-            raise WorkbenchError(f"train.{key} is dictionary_learning's setting, unused with train.algorithm saelens: "
-                                 f"remove it ({instead})")
+    """train.saelens within SAELens' ranges; no group weights on an SAE SAELens' algorithm trains."""
     for i, sae in enumerate(t.saes):
-        if sae.group_weights is not None:
+        if sae_algorithm(t, sae) == "saelens" and sae.group_weights is not None:
             raise WorkbenchError(f"train.saes[{i}] ({sae.name}).group_weights: SAELens adds its Matryoshka levels' losses "
-                                 "unweighted; remove group_weights or set train.algorithm dictionary_learning")
+                                 "unweighted; remove group_weights or train it with dictionary_learning's algorithm")
     s = t.saelens
     if not (s.lr > 0 and math.isfinite(s.lr)):
         raise WorkbenchError(f"train.saelens.lr must be > 0 (got {s.lr})")
@@ -718,6 +773,7 @@ __all__ = [
     "TrainConfig",
     "fingerprint",
     "load_recipe",
+    "sae_algorithm",
     "schedule_step",
     "to_dict",
     "train_identity",

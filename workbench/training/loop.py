@@ -53,6 +53,7 @@ from workbench.config import (
     SAEConfig,
     TrainConfig,
     fingerprint,
+    sae_algorithm,
     schedule_step,
     to_dict,
     train_identity,
@@ -168,11 +169,15 @@ def _check_out(t: TrainConfig, plans: dict[int, LayerPlan]) -> None:
 
 def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
     """Steps and schedule points, and the held-out share of the cache: train.eval_tokens tokens (at most
-    half of the layer) for eval_results.json, which the threshold stage reads too."""
+    half of the layer) for eval_results.json, which the threshold stage reads too. The schedule points are
+    dictionary_learning's (its SAEs'); each algorithm's schedule is checked against the run."""
     t = recipe.train
     cache.num_tokens(layer)  # a clear error for a layer the cache does not have
     steps = train_steps(t)
-    decay_start, k_anneal = _saelens_schedule(t, steps) if t.algorithm == "saelens" else _schedule(t, steps)
+    algorithms = {sae_algorithm(t, cfg) for cfg in t.saes}
+    if "saelens" in algorithms:
+        _saelens_schedule(t, steps)
+    decay_start, k_anneal = _schedule(t, steps) if "dictionary_learning" in algorithms else (None, None)
     holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
     identity = {"train": {k: v for k, v in train_identity(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
                 "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
@@ -194,13 +199,12 @@ def _schedule(t: TrainConfig, steps: int) -> tuple[int | None, int | None]:
     return decay_start, k_anneal
 
 
-def _saelens_schedule(t: TrainConfig, steps: int) -> tuple[None, None]:
+def _saelens_schedule(t: TrainConfig, steps: int) -> None:
     """SAELens' schedule has no decay start or k annealing; its warmup and decay must fit in the run."""
     s = t.saelens
     if s.lr_warm_up_steps + s.lr_decay_steps > steps:
         raise WorkbenchError(f"train.saelens.lr_warm_up_steps + lr_decay_steps ({s.lr_warm_up_steps} + {s.lr_decay_steps}) "
                              f"exceed the {steps} steps of the run; lower them or raise train.num_tokens")
-    return None, None
 
 
 def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: LayerPlan) -> list[Path]:
@@ -317,7 +321,7 @@ def _make_trainer(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         torch.manual_seed(t.seed)  # as dictionary_learning: the trainer's seed, then the SAE
         sae = ARCHITECTURES[cfg.arch].build(cache.d_model, cfg.width, cfg.k, cfg.group_fractions)
     autocast = getattr(torch, t.autocast_dtype) if t.autocast_dtype else None
-    if t.algorithm == "saelens":
+    if sae_algorithm(t, cfg) == "saelens":
         if t.init_from is None:
             torch.manual_seed(t.seed)
             init_weights_(sae, t.saelens.decoder_init_norm)
@@ -481,17 +485,20 @@ def _evaluate(sae: SAE, cache: ActivationCache, layer: int, t: TrainConfig, plan
 
 def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAEConfig, trainer: Trainer,
                   plan: LayerPlan, norm_factor: float) -> dict:
-    """config.json: dictionary_learning's trainer and buffer sections, and the workbench section."""
+    """config.json: dictionary_learning's trainer and buffer sections, and the workbench section (the SAE's
+    own algorithm; the normalisation the layer's, train.algorithm's)."""
     t, sae, m = recipe.train, trainer.sae, cache.manifest
     device = str(sae.b_dec.device)
     model_name = m["recipe"]["model"]["name"]
-    saelens_run = t.algorithm == "saelens"
+    algorithm = sae_algorithm(t, cfg)
+    saelens_run = algorithm == "saelens"
     # With SAELens' algorithm, dictionary_learning's keys get their nearest SAELens values (aux coefficient,
     # warmup, 1 - the threshold rate, from step 0); its own settings are the workbench section's `saelens`.
     s = t.saelens
     trainer_cfg = dl_format.trainer_section(
         sae, lr=trainer.lr, steps=plan.steps, auxk_alpha=s.aux_loss_coefficient if saelens_run else t.auxk_alpha,
-        warmup_steps=s.lr_warm_up_steps if saelens_run else t.warmup_steps, decay_start=plan.decay_start,
+        warmup_steps=s.lr_warm_up_steps if saelens_run else t.warmup_steps,
+        decay_start=None if saelens_run else plan.decay_start,
         threshold_beta=1 - s.topk_threshold_lr if saelens_run else t.threshold_beta,
         threshold_start_step=0 if saelens_run else t.threshold_start_step,
         seed=t.seed, device=device, layer=layer, lm_name=model_name, group_fractions=cfg.group_fractions,
@@ -503,7 +510,7 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         arch=cfg.arch, model=model_name, dataset=m["recipe"]["data"]["path"], layer=layer,
         sink_multiple=cache.sink_multiple, sink_median=m["recipe"]["collect"]["sink_median"],
         drop_first_token=cache.drop_first_token,
-        normalize_activations=(s.normalize_activations != "none") if saelens_run else t.normalize_activations,
+        normalize_activations=(s.normalize_activations != "none") if t.algorithm == "saelens" else t.normalize_activations,
         norm_factor=norm_factor,
         k_anneal_steps=trainer.k_anneal_steps,
         cache=str(cache.root.resolve()), cache_fingerprint=m["fingerprint"],
@@ -511,7 +518,7 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         tokens_trained=plan.steps * t.batch_size, steps=plan.steps, batch_size=t.batch_size,
         data_lanes=t.data_lanes, dead_feature_threshold=None if saelens_run else t.dead_feature_threshold,
         autocast_dtype=t.autocast_dtype, init_from=t.init_from, train_fingerprint=plan.fingerprint,
-        algorithm=t.algorithm, saelens=to_dict(s) if saelens_run else None)
+        algorithm=algorithm, saelens=to_dict(s) if saelens_run else None)
     return {"trainer": trainer_cfg, "buffer": buffer_cfg, dl_format.EXTRA_SECTION: provenance.to_dict()}
 
 
