@@ -61,9 +61,10 @@ def test_run_does_every_stage_and_verifies_both_formats(finished):
     assert stages_done(finished) == list(STAGES)
     dl_folders = sorted((finished / "export" / "dictionary_learning").rglob("ae.pt"))
     sl_folders = sorted((finished / "export" / "saelens").rglob("cfg.json"))
-    assert len(dl_folders) == 4 and len(sl_folders) == 4  # 2 layers x (BatchTopK, Matryoshka)
+    # 2 layers x (BatchTopK, Matryoshka, Matryoshka with SAELens' algorithm)
+    assert len(dl_folders) == 6 and len(sl_folders) == 6
     state = json.loads((finished / "saes" / "pipeline.json").read_text())["stages"]
-    assert state["verify"]["verified"] == {"dictionary_learning": 4, "saelens": 4}
+    assert state["verify"]["verified"] == {"dictionary_learning": 6, "saelens": 6}
     for folder in (finished / "saes").glob("resid_post_layer_*/trainer_*"):
         results = json.loads((folder / "eval_results.json").read_text())
         # trainer keys, threshold re-measurement and the model-spliced evaluation all landed

@@ -93,7 +93,7 @@ def test_an_empty_section_sets_nothing(tmp_path):
 # --- overrides ------------------------------------------------------------------------------------------
 
 OVERRIDE_MISTAKES = [
-    ("train.saes[2].k=3", "train.saes[2] is out of range: train.saes has entries 0..1; to add one, set the whole list"),
+    ("train.saes[3].k=3", "train.saes[3] is out of range: train.saes has entries 0..2; to add one, set the whole list"),
     ("train.saes[-1].k=3", "bad override 'train.saes[-1].k=3': write it as key=value"),
     ("collect.layers=[1,2", "the value is not valid YAML (expected ',' or ']'"),
     ("train=5", "recipe key 'train' is a section: give it a mapping of its keys"),
@@ -126,8 +126,8 @@ def test_a_mistake_in_an_override_is_one_line_naming_the_override(override, mess
 
 def test_the_readme_override_syntax_works():
     r = load_recipe(DEMO, ["collect.batch_size=8", "train.saes[0].k=32"])
-    assert r.collect.batch_size == 8 and [s.k for s in r.train.saes] == [32, 16]
-    assert r.train.saes[1] == load_recipe(DEMO).train.saes[1]  # the other entry is untouched
+    assert r.collect.batch_size == 8 and [s.k for s in r.train.saes] == [32, 16, 16]
+    assert r.train.saes[1:] == load_recipe(DEMO).train.saes[1:]  # the other entries are untouched
 
 
 def test_indexed_overrides_edit_one_entry_and_lists_still_replace_whole():
@@ -230,7 +230,7 @@ def test_plan_names_train_layers_out_of_range_or_not_collected(capsys):
 
 def test_plan_only_warns_about_train_layers_when_training_reads_another_cache(tmp_path):
     p = plan(load_recipe(DEMO, ["train.layers=[1]", f"train.cache={tmp_path / 'other'}"]))
-    assert [s.layer for s in p.saes] == [1, 1]
+    assert [s.layer for s in p.saes] == [1, 1, 1]  # the demo's three SAEs
     assert any(f"train.layers [1] are not in collect.layers ([2, 3]): train.cache {tmp_path / 'other'}" in w
                for w in p.warnings)
     with pytest.raises(WorkbenchError, match="train.layers"):
