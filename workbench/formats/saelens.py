@@ -7,7 +7,9 @@ prepend_bos, dataset_path), which SAELens only reads when metadata.sae_lens_vers
 
 Architectures read: jumprelu, topk, standard. A BatchTopK / Matryoshka SAE is written as jumprelu
 with its scalar threshold broadcast to [d_sae], and its k (and Matryoshka widths) in
-metadata.training_architecture_details, where SAELens' own trainers record them. The workbench's
+metadata.training_architecture_details, where SAELens' own trainers record them; an SAE trained with
+SAELens' algorithm (the workbench section's `algorithm: saelens`) gets the details save_inference_model
+writes for it, every training-config field the jumprelu config lacks (`training_details`). The workbench's
 extra section (sink filter and multiple, first-token removal, ...) goes to metadata.workbench, and
 the dictionary_learning config of a converted SAE to metadata.converted_from, so converting back
 restores it.
@@ -30,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from workbench.config import SAELensTrainConfig, to_dict
 from workbench.errors import WorkbenchError
 from workbench.files import read_json_object, write_atomic, write_json
 from workbench.formats.weights import (
@@ -115,10 +118,30 @@ def _cfg_jumprelu(weights: SAEWeights, cfg: dict, meta: dict) -> None:
     details = dict(meta.get("training_architecture_details") or {})
     if details.get("k") != weights.k:
         details["k"] = weights.k
-    if weights.group_sizes:
-        details["matryoshka_widths"] = torch.tensor(weights.group_sizes).cumsum(0).tolist()
+    widths = torch.tensor(weights.group_sizes).cumsum(0).tolist() if weights.group_sizes else None
+    if widths:
+        details["matryoshka_widths"] = widths
+    provenance = weights.info.provenance
+    if weights.info.saelens_cfg is None and provenance is not None and provenance.algorithm == "saelens":
+        details = training_details(weights.k, widths, provenance.saelens or {})
+        meta["sae_lens_training_version"] = SAELENS_VERSION
     meta.setdefault("training_architecture", holding(weights.group_sizes).saelens_architecture)
     meta["training_architecture_details"] = details
+
+
+def training_details(k: int, widths: list[int] | None, settings: dict) -> dict:
+    """metadata.training_architecture_details as SAELens 6.54.12's save_inference_model writes it for an SAE its
+    BatchTopK (widths None) or Matryoshka BatchTopK training config trained: the training config's fields that
+    the jumprelu inference config lacks, in its field order. `settings`: the train.saelens the SAE was trained
+    with (the workbench section's `saelens`); use_sparse_activations (a memory layout, not the math) is False,
+    SAELens' default."""
+    s = to_dict(SAELensTrainConfig()) | settings
+    details = {"decoder_init_norm": s["decoder_init_norm"], "k": k, "use_sparse_activations": False,
+               "aux_loss_coefficient": s["aux_loss_coefficient"],
+               "rescale_acts_by_decoder_norm": s["rescale_acts_by_decoder_norm"], "topk_threshold_lr": s["topk_threshold_lr"]}
+    if widths is not None:
+        details |= {"matryoshka_widths": widths, "use_matryoshka_aux_loss": s["use_matryoshka_aux_loss"]}
+    return details
 
 
 def _read_topk(r: Reading) -> None:
