@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workbench.config import load_recipe
+from workbench.config import SAELensTrainConfig, load_recipe
 from workbench.model import resolve_layers
 from workbench.sae import matryoshka_group_sizes
 
@@ -66,6 +66,17 @@ def test_gemma_recipe_states_the_published_series():
     assert (sae.arch, sae.width, sae.k) == ("matryoshka", 32768, 40)
     assert (r.data.path, r.data.text_key, r.train.num_tokens) == ("monology/pile-uncopyrighted", "text", 750_000_000)
     assert r.export.formats == ["saelens"]
+
+
+def test_gemma_recipe_trains_with_saelens_algorithm_at_its_defaults():
+    """[card] "trained ... using SAELens", and it states none of SAELens' training settings: every one is
+    SAELens 6.54.12's default; the Qwen3 recipes stay on dictionary_learning's algorithm (their cards' own)."""
+    r = load_recipe(RECIPES / "gemma-3-1b-matryoshka.yaml")
+    assert r.train.algorithm == "saelens" and [sae.algorithm for sae in r.train.saes] == [None]
+    assert r.train.saelens == SAELensTrainConfig()
+    assert (r.train.batch_size, r.threshold.method) == (4096, "ema")
+    for name in ("qwen3-1.7b", "qwen3-8b", "qwen3-14b", "qwen3-32b"):
+        assert load_recipe(RECIPES / f"{name}-batchtopk.yaml").train.algorithm == "dictionary_learning"
 
 
 def test_gemma_group_fractions_give_the_published_prefix_widths_under_dictionary_learnings_rule():
