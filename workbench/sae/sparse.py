@@ -43,8 +43,8 @@ class Kept:
         return _csr(_crow(self.rows, self.shape[0]), self.cols, vals_N, self.shape)
 
     def csr_t(self, vals_N: torch.Tensor) -> torch.Tensor:
-        if self._t_order is None:  # column-major order: sort by (col, row); the keys are unique
-            self._t_order = torch.sort(self.cols * self.shape[0] + self.rows).indices
+        if self._t_order is None:  # column-major order: the entries are row-major, so a stable sort by column
+            self._t_order = torch.sort(self.cols.to(torch.int32), stable=True).indices
         order = self._t_order
         return _csr(_crow(self.cols, self.shape[1]), self.rows.index_select(0, order), vals_N.index_select(0, order),
                     self.shape[::-1])
@@ -145,13 +145,12 @@ def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
     among the dead latents (sorted indices dead_M), positive only. Returns (kept, vals_N), row-major.
 
     Exactly the reference's `relu(pre[:, dead]).topk(k_aux, dim=1)` minus its zero entries, ties at a
-    token's cut included (a tie straddling it, and topk decides). Computed without the reference's
-    copy of every dead column: with at least as many dead latents as live ones, the candidates are
-    masked in place (the live columns cleared in a byte mask; with bias_F, pre_BF is overwritten by
-    pre_BF + bias_F); with fewer, the dead columns are gathered first, which moves less memory than
-    one pass over [B, F]. A per-token cut from a strided sample of the token's dead pre-activations
-    (for short rows: 0) leaves ~1.5-2x k_aux candidates above it; each token's k_aux-th largest value
-    is found among those only.
+    token's cut included (a tie straddling it, and topk decides that token). Computed without the
+    reference's copy of every dead column: with at least as many dead latents as live ones, pre_BF is
+    overwritten in place (by pre_BF + bias_F, the live columns by -inf); with fewer, the dead columns
+    are gathered first, which moves less memory than one pass over [B, F]. A per-token floor from block
+    maxima (`_row_floors`) leaves ~1.4x k_aux candidates a token, and at least k_aux of them: each
+    token's k_aux-th largest value is found among those only.
     """
     B, F = pre_BF.shape
     M = dead_M.numel()
@@ -160,22 +159,19 @@ def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
         sub_BM, col_of = pre_BF.index_select(1, dead_M), dead_M
         if bias_F is not None:
             sub_BM += bias_F.index_select(0, dead_M)
-        sample_cols = torch.arange(M, device=dead_M.device)
     else:
-        sub_BM, col_of, sample_cols = pre_BF if bias_F is None else pre_BF.add_(bias_F), None, dead_M
-    cut_B = _row_cuts(sub_BM, sample_cols, k_aux)
-    cand_BM = sub_BM > cut_B[:, None]
-    if col_of is None and M < F:
-        live = torch.ones(F, dtype=torch.bool, device=pre_BF.device)
-        live[dead_M] = False
-        cand_BM[:, live] = False
-    flat_N = torch.nonzero(cand_BM.view(-1)).squeeze(1)
+        sub_BM, col_of = pre_BF if bias_F is None else pre_BF.add_(bias_F), None
+        if M < F:
+            live_F = torch.ones(F, dtype=torch.bool, device=pre_BF.device)
+            live_F[dead_M] = False
+            sub_BM.masked_fill_(live_F, -math.inf)
+    cut_B = _row_floors(sub_BM, k_aux)
+    flat_N = _sparse_nonzero((sub_BM > cut_B[:, None]).view(-1))
     rows_N, cols_N = flat_N // sub_BM.shape[1], flat_N % sub_BM.shape[1]
     counts_B = torch.bincount(rows_N, minlength=B)
-    dead_BM = sub_BM if col_of is not None else None
-    if bool(((counts_B < k_aux) & (cut_B > 0)).any()):  # a token's cut left too few: decide exactly
-        return _auxk_reference(dead_BM if dead_BM is not None else sub_BM.index_select(1, dead_M), dead_M, F, k_aux)
-    vals_N = sub_BM.reshape(-1).index_select(0, flat_N)
+    vals_N = sub_BM.view(-1).index_select(0, flat_N)
+    if bool(((counts_B < k_aux) & (cut_B > 0)).any()):  # a floor that did not hold (NaN): decide exactly
+        return _auxk_reference(_dead_columns(sub_BM, col_of, dead_M), dead_M, F, k_aux)
     C = int(counts_B.max()) if len(flat_N) else 0
     if C > k_aux:  # each token's k_aux-th largest candidate: the candidates laid out one padded row a token
         starts_B = torch.cumsum(counts_B, 0) - counts_B
@@ -183,28 +179,56 @@ def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
         padded_BC = vals_N.new_full((B, C), -math.inf)
         padded_BC.view(-1).index_copy_(0, slot_N, vals_N)
         kth_B = padded_BC.topk(k_aux, dim=1, sorted=False).values.min(dim=1).values
-        keep = (vals_N >= kth_B.index_select(0, rows_N)) & (vals_N > 0)
-        kept_B = torch.bincount(rows_N[keep], minlength=B)
-        if bool((kept_B > counts_B.clamp_max(k_aux)).any()):  # a tie straddles a token's cut
-            return _auxk_reference(dead_BM if dead_BM is not None else sub_BM.index_select(1, dead_M), dead_M, F, k_aux)
-        keep_idx = torch.nonzero(keep).squeeze(1)
+        keep_N = (vals_N >= kth_B.index_select(0, rows_N)) & (vals_N > 0)
+        tied_B = torch.bincount(rows_N[keep_N], minlength=B) > counts_B.clamp_max(k_aux)
+        if bool(tied_B.any()):  # a tie straddles these tokens' cuts: topk decides them
+            return _with_reference_rows(sub_BM, col_of, dead_M, F, k_aux, rows_N, cols_N, vals_N, keep_N, tied_B)
+        keep_idx = torch.nonzero(keep_N).squeeze(1)
         rows_N, cols_N, vals_N = (t.index_select(0, keep_idx) for t in (rows_N, cols_N, vals_N))
     if col_of is not None:
         cols_N = col_of.index_select(0, cols_N)  # increasing: the order stays row-major
     return Kept(rows_N, cols_N, (B, F)), vals_N
 
 
-def _row_cuts(sub_BM: torch.Tensor, sample_cols: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, a value (>= 0) with (very likely) at least k of the row's sampled-from entries above
-    it, from a strided sample of sample_cols; 0 (every positive entry a candidate) for short rows."""
-    M = sample_cols.numel()
-    if 8 * k > M or M < 1024:
-        return sub_BM.new_zeros(sub_BM.shape[0])
-    stride = M // 512 | 1
-    sample_BS = sub_BM.index_select(1, sample_cols[stride // 2:: stride])
-    expected = k * sample_BS.shape[1] / M
-    m = min(sample_BS.shape[1], int(1.5 * expected + 4 * math.sqrt(expected)) + 4)
-    return sample_BS.topk(m, dim=1, sorted=False).values.min(dim=1).values.clamp_min(0.0)
+def _row_floors(sub_BM: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, a cut (>= 0) above which lie all of the row's k largest entries, and at least k entries
+    when it is positive; 0 (every positive entry a candidate) for rows shorter than 8k.
+
+    The maxima of 2k disjoint (strided) blocks of the row: the k-th largest of them, t, is the maximum
+    of k different blocks, so at least k entries are >= t, and the row's k-th largest value is >= t.
+    Every entry >= t is a candidate (the cut is t's float predecessor): ~1.4k a row.
+    """
+    B, M = sub_BM.shape
+    n_blocks = 2 * k
+    if 8 * k > M:
+        return sub_BM.new_zeros(B)
+    size = M // n_blocks
+    block_max_BN = sub_BM[:, : size * n_blocks].unflatten(1, (size, n_blocks)).amax(dim=1)
+    t_B = block_max_BN.topk(k, dim=1, sorted=False).values.amin(dim=1)
+    return torch.where(t_B > 0, torch.nextafter(t_B, t_B.new_tensor(-math.inf)), 0.0)
+
+
+def _dead_columns(sub_BM: torch.Tensor, col_of: torch.Tensor | None, dead_M: torch.Tensor) -> torch.Tensor:
+    """The dead latents' values [B, M] (sub_BM itself when it was gathered)."""
+    return sub_BM if col_of is not None else sub_BM.index_select(1, dead_M)
+
+
+def _with_reference_rows(sub_BM: torch.Tensor, col_of: torch.Tensor | None, dead_M: torch.Tensor, F: int, k: int,
+                         rows_N: torch.Tensor, cols_N: torch.Tensor, vals_N: torch.Tensor, keep_N: torch.Tensor,
+                         tied_B: torch.Tensor) -> tuple[Kept, torch.Tensor]:
+    """The kept candidates of the rows without a tie, and the reference's picks for the rows with one
+    (tied_B), merged in row-major order."""
+    keep_idx = torch.nonzero(keep_N & ~tied_B.index_select(0, rows_N)).squeeze(1)
+    rows_N, cols_N, vals_N = (t.index_select(0, keep_idx) for t in (rows_N, cols_N, vals_N))
+    if col_of is not None:
+        cols_N = col_of.index_select(0, cols_N)
+    tied_T = torch.nonzero(tied_B).squeeze(1)
+    ref, ref_vals_N = _auxk_reference(_dead_columns(sub_BM.index_select(0, tied_T), col_of, dead_M), dead_M, F, k)
+    rows_N = torch.cat([rows_N, tied_T.index_select(0, ref.rows)])
+    cols_N = torch.cat([cols_N, ref.cols])
+    vals_N = torch.cat([vals_N, ref_vals_N])
+    order_N = torch.sort(rows_N * F + cols_N).indices
+    return Kept(rows_N[order_N], cols_N[order_N], (tied_B.numel(), F)), vals_N[order_N]
 
 
 def _auxk_reference(dead_BM: torch.Tensor, dead_M: torch.Tensor, F: int, k: int) -> tuple[Kept, torch.Tensor]:
