@@ -3,6 +3,8 @@ warmup and decay of the learning rate, a batch with no positive activation, fine
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -101,3 +103,50 @@ def test_autocast_computes_the_encoder_in_bfloat16_and_keeps_k_latents():
     logs = [trainer.update(torch.randn(32, 16) + 1, log=True) for _ in range(3)]
     assert [log["l0"] for log in logs] == [4.0, 4.0, 4.0]
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in trainer.sae.parameters())
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_a_trainer_resumed_from_its_state_continues_bit_identically(arch, tmp_path):
+    """Adam steps W_dec as its [F, D] storage; its moments are saved in the parameters' shapes, and a
+    checkpoint holding them as contiguous [D, F] tensors (as before that storage) resumes the same."""
+    def new_trainer():
+        torch.manual_seed(0)
+        sae = BatchTopKSAE(16, 512, 4) if arch == "batchtopk" else MatryoshkaBatchTopKSAE(16, 512, 4, [128, 384])
+        return Trainer(sae, 20, warmup_steps=2)
+
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(64, 16, generator=g) + 1 for _ in range(6)]
+    straight = new_trainer()
+    for x in xs:
+        straight.update(x)
+    first = new_trainer()
+    for x in xs[:3]:
+        first.update(x)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    shapes = {i: p.shape for i, p in enumerate(first.sae.parameters())}
+    assert all(v.shape == shapes[i] for i, s in state["optimizer"]["state"].items() for k, v in s.items() if k != "step")
+    old_layout = {**state, "optimizer": {**state["optimizer"], "state": {
+        i: {k: v.contiguous() for k, v in s.items()} for i, s in state["optimizer"]["state"].items()}}}
+    for resumed_state in (state, old_layout):
+        resumed = new_trainer()
+        resumed.load_state_dict(resumed_state)
+        for x in xs[3:]:
+            resumed.update(x)
+        for (name, a), b in zip(straight.sae.state_dict().items(), resumed.sae.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_cpu_step_does_not_fault_in_fresh_pages_for_its_large_tensors():
+    resource = pytest.importorskip("resource")
+    torch.manual_seed(0)
+    trainer = Trainer(BatchTopKSAE(16, 16384, 8), 20, warmup_steps=2)  # [B, F] float32: 64 MiB a tensor
+    xs = [torch.randn(1024, 16) + 1 for _ in range(4)]
+    for x in xs[:2]:
+        trainer.update(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for x in xs[2:]:
+        trainer.update(x)
+    faults_per_step = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 2
+    assert faults_per_step < 2000  # a fresh 64 MiB encoder product alone would fault 16,384 pages
