@@ -74,19 +74,23 @@ def test_each_sae_of_a_mixed_layer_equals_its_algorithm_alone(cache, tmp_path):
 
 def test_the_fingerprint_of_a_recipe_without_per_sae_algorithms_does_not_move():
     """An SAE whose algorithm is the recipe's, named or null, leaves the fingerprint as before the key existed."""
-    plain = load_recipe(REPO / "recipes" / "demo.yaml")
-    named = load_recipe(REPO / "recipes" / "demo.yaml", ["train.saes[0].algorithm=dictionary_learning"])
+    two = "train.saes=[{name: trainer_0, arch: batchtopk, width: 512, k: 16}, {name: trainer_1, arch: batchtopk, width: 256, k: 8}]"
+    plain = load_recipe(REPO / "recipes" / "demo.yaml", [two])
+    named = load_recipe(REPO / "recipes" / "demo.yaml", [two, "train.saes[0].algorithm=dictionary_learning"])
     identity = train_identity(plain.train)
     assert "algorithm" not in identity and "saelens" not in identity
     assert all("algorithm" not in sae for sae in identity["saes"])
     assert fingerprint(train_identity(named.train)) == fingerprint(identity)
-    mixed = load_recipe(REPO / "recipes" / "demo.yaml", ["train.saes[0].algorithm=saelens"])
+    mixed = load_recipe(REPO / "recipes" / "demo.yaml", [two, "train.saes[1].algorithm=saelens"])
     assert fingerprint(train_identity(mixed.train)) != fingerprint(identity)
+    # the demo's own trainer_2 (algorithm saelens) is recorded with the saelens settings
+    demo = train_identity(load_recipe(REPO / "recipes" / "demo.yaml").train)
+    assert [sae.get("algorithm") for sae in demo["saes"]] == [None, None, "saelens"] and "saelens" in demo
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["train.saes[0].algorithm=sparsify"], "train.saes[0] (trainer_0).algorithm must be one of dictionary_learning, saelens"),
-    (["train.saelens.lr=1e-3"], "train.saelens.lr is set but no SAE trains with SAELens' algorithm"),
+    (["train.saes[2].algorithm=dictionary_learning", "train.saelens.lr=1e-3"], "train.saelens.lr is set but no SAE trains with SAELens' algorithm"),
     (["train.saes[0].algorithm=saelens", "train.saelens.normalize_activations=expected_average_only_in"],
      "train.saelens.normalize_activations is unused with train.algorithm dictionary_learning"),
     (["train.saes[0].algorithm=saelens", "train.saes[1].algorithm=saelens"],
