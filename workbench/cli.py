@@ -151,7 +151,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     from workbench.pipeline import STAGES, run
 
-    run(recipe, args.recipe, list(args.overrides), args.stages if args.stages is not None else STAGES)
+    if (args.collect_devices is None) != (args.train_devices is None):
+        raise WorkbenchError("give both --collect-devices and --train-devices (e.g. 0,1,2,3,4,5 and 6,7), or neither")
+    devices = None if args.collect_devices is None else (args.collect_devices, args.train_devices)
+    if devices is not None and recipe.collect.max_shards_on_disk is None:
+        raise WorkbenchError("--collect-devices and --train-devices split the GPUs between collection and training, which "
+                             "run at the same time only with a bounded cache: set collect.max_shards_on_disk")
+    run(recipe, args.recipe, list(args.overrides), args.stages if args.stages is not None else STAGES, devices)
     return 0
 
 
@@ -160,6 +166,17 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print what the recipe means (layers, tokens, disk, "
                                                           "steps, paths) without loading weights, and stop")
     p.add_argument("--stages", type=_stages, help="comma-separated subset of collect,train,threshold,eval,export,verify,features")
+    p.add_argument("--collect-devices", type=_devices, help="with collect.max_shards_on_disk: the CUDA devices collection "
+                                                           "runs on, one process each (e.g. 0,1,2,3,4,5)")
+    p.add_argument("--train-devices", type=_devices, help="with collect.max_shards_on_disk: the CUDA devices training runs "
+                                                         "on, one process each (e.g. 6,7)")
+
+
+def _devices(text: str) -> str:
+    parts = text.split(",")
+    if not all(p.strip().isdigit() for p in parts) or len(set(parts)) != len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of distinct CUDA device numbers, e.g. 0,1")
+    return ",".join(p.strip() for p in parts)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from workbench import data as data_mod
+from workbench.cache import buffer
 from workbench.cache.layout import (
     LOCK_FILE,
     MANIFEST,
@@ -61,9 +62,12 @@ from workbench.tracking import check_trackers, tracker_run
 def cache_identity(recipe: Recipe) -> dict:
     """The recipe fields that determine a cache's contents (not where it is written or on which device)."""
     collect = to_dict(recipe.collect)
-    for key in ("out", "device"):
+    for key in ("out", "device", "max_shards_on_disk", "holdout_shards"):
         collect.pop(key)
-    return {"model": to_dict(recipe.model), "data": to_dict(recipe.data), "collect": collect}
+    identity = {"model": to_dict(recipe.model), "data": to_dict(recipe.data), "collect": collect}
+    if recipe.collect.max_shards_on_disk is not None:  # a bounded buffer (cache/buffer.py): which shards are kept
+        identity["buffer"] = {"holdout_shards": recipe.collect.holdout_shards}
+    return identity
 
 
 def _inspect_dir(out: Path, identity: dict) -> Manifest | None:
@@ -95,7 +99,8 @@ def _damaged_shards(out: Path, manifest: Manifest, state) -> list[tuple[str, str
     from workbench.progress import progress
 
     shards = manifest.data["shards"]
-    mine = range(state.process_index, len(shards), state.num_processes)
+    gone = buffer.released(manifest.data)
+    mine = [i for i in range(state.process_index, len(shards), state.num_processes) if i not in gone]
     found = []
     for index in progress(mine, desc="verify", unit="shard", disable=not state.is_main_process or len(mine) < 2,
                           leave=False):
@@ -269,15 +274,18 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
                                      "since the cache was started (or the manifest was edited); choose another "
                                      "collect.out; nothing was changed")
             return current
+        bounded = None if c.max_shards_on_disk is None else {"max_shards_on_disk": c.max_shards_on_disk,
+                                                             "holdout_shards": c.holdout_shards}
         return Manifest.create(out, fingerprint(identity), identity, layers, num_layers, d_model, store_dtype,
-                               model_dtype, tokenizer.bos_token_id, tokenizer.pad_token_id, requested_rows)
+                               model_dtype, tokenizer.bos_token_id, tokenizer.pad_token_id, requested_rows, bounded)
 
     manifest = on_main_first(state, create)
 
     # Which shards are left: decided once, before the loop, from the expected number of shards.
     rows_per_shard = c.batch_size * c.shard_batches
     expected_shards = math.ceil(requested_rows / rows_per_shard)
-    done_before = {s for s in range(expected_shards) if shard_is_complete(out / shard_name(s))}
+    gone = buffer.released(Manifest.read(out).data)  # a bounded cache's shards that training consumed and deleted
+    done_before = {s for s in range(expected_shards) if s in gone or shard_is_complete(out / shard_name(s))}
     state.wait_for_everyone()  # every process has looked before any writes
     mine = [s for s in range(expected_shards) if s % state.num_processes == state.process_index and s not in done_before]
     if state.is_main_process and done_before:
@@ -286,14 +294,19 @@ def _collect(recipe: Recipe, model: torch.nn.Module | None, tokenizer, state, in
 
     start = time.perf_counter()
     with interrupts.deferred():
+        room = None
+        if c.max_shards_on_disk is not None:
+            def room(shard: int, check: Callable[[], None]) -> None:
+                buffer.release(out)  # what trainers released (all of it, once they are done)
+                buffer.wait_for_room(out, shard, c.max_shards_on_disk, layers, c.holdout_shards, show=True, check=check)
         num_batches = _collect_shards(model, batches, set(mine), layers, d_model, store_dtype, recipe,
                                       tokenizer.bos_token_id, device, todo_rows * d.context_length,
                                       state.is_main_process, (state.process_index, state.num_processes),
-                                      interrupts.check)
+                                      interrupts.check, room)
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
 
-    summary = on_main_first(state, lambda: _finalize(manifest, num_batches, c.shard_batches, done_before))
+    summary = on_main_first(state, lambda: _finalize(out, num_batches, c.shard_batches, done_before))
     summary.seconds = seconds
     if state.is_main_process:
         print(summary.table())
@@ -352,8 +365,10 @@ class _Writes:
 
 def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], layers: list[int], d_model: int,
                     store_dtype: str, recipe: Recipe, bos: int | None, device: torch.device, total_tokens: int,
-                    show_progress: bool, process: tuple[int, int], check_interrupt: Callable[[], None]) -> int:
-    """The loop: forward the batches of the shards in `todo`, write them. Returns the number of batches
+                    show_progress: bool, process: tuple[int, int], check_interrupt: Callable[[], None],
+                    room: Callable[[int, Callable[[], None]], None] | None = None) -> int:
+    """The loop: forward the batches of the shards in `todo`, write them. room(shard, check): in a bounded
+    cache, waits until the buffer has room for the shard. Returns the number of batches
     in the data (every process iterates all of them, so all agree on it). Tokenization runs ahead in a
     background thread and the writes behind in another, both overlapping the forward. check_interrupt
     runs before each batch: an interrupt or an error stops the loop there; both threads finish what
@@ -378,6 +393,8 @@ def _collect_shards(model, batches: Iterator[data_mod.Batch], todo: set[int], la
                 if writer is None or writer.final != out / shard_name(shard):
                     if writer is not None:
                         writes.submit(writer.finish, stats)
+                    if room is not None:
+                        room(shard, check_interrupt)
                     writer = ShardWriter(out, shard, batch.index, layers, d_model, store_dtype,
                                           process)
                     stats = shard_stats(layers)
@@ -461,12 +478,19 @@ def _nonfinite_error(recipe: Recipe, layer: int, batch: int, tokens: dict, acts_
                           "non-finite was stored and the finished shards are kept")
 
 
-def _finalize(manifest: Manifest, num_batches: int, shard_batches: int, done_before: set[int]) -> Summary:
+def _finalize(out: Path, num_batches: int, shard_batches: int, done_before: set[int]) -> Summary:
     """Mark the cache complete (Manifest.finalise) once every shard of the data's batches is written.
-    done_before: the shards that were complete before this run (for this run's speed)."""
+    done_before: the shards that were complete before this run (for this run's speed). The manifest is read
+    again: in a bounded cache, training records the shards it releases in it while collection runs."""
     if num_batches == 0:
         raise WorkbenchError("the data gave no rows; check data.path")
-    return manifest.finalise(math.ceil(num_batches / shard_batches), done_before)
+    manifest = Manifest.read(out)
+    if not buffer.is_bounded(manifest.data):
+        return manifest.finalise(math.ceil(num_batches / shard_batches), done_before)
+    with buffer.manifest_lock(out):
+        summary = Manifest.read(out).finalise(math.ceil(num_batches / shard_batches), done_before)
+    buffer.release(out)  # what a trainer that finished (or released everything) left to delete
+    return summary
 
 
 def is_collected(recipe: Recipe) -> bool:
@@ -482,4 +506,5 @@ def is_collected(recipe: Recipe) -> bool:
         return False
     if manifest.data.get("fingerprint") != fingerprint(cache_identity(recipe)):
         return False
-    return all(shard_is_complete(out / s["file"], s.get("bytes")) for s in manifest.data["shards"])
+    gone = buffer.released(manifest.data)
+    return all(shard_is_complete(out / s["file"], s.get("bytes")) for i, s in enumerate(manifest.data["shards"]) if i not in gone)

@@ -21,6 +21,10 @@ failure there ends every process with the same error instead of leaving them wai
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -239,8 +243,11 @@ def is_done(stage: str, recipe: Recipe, ran: dict[str, dict], log: dict) -> bool
     return "export" not in ran and "verify" in log and log["verify"].get("exports") == _export_stamps(recipe)
 
 
-def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[str, ...] = STAGES) -> dict:
-    """Run the pipeline's stages in order, skipping those already done for this recipe. Returns the log."""
+def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[str, ...] = STAGES,
+        devices: tuple[str, str] | None = None) -> dict:
+    """Run the pipeline's stages in order, skipping those already done for this recipe. Returns the log.
+    With a bounded cache (collect.max_shards_on_disk) collection and training run at the same time, as two
+    commands (see `stream_both`); devices: (collection's, training's) CUDA devices, e.g. ("0,1,2,3,4,5", "6,7")."""
     from workbench.dist import process_state
 
     unknown = [s for s in stages if s not in STAGES]
@@ -266,7 +273,16 @@ def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[st
         if state.is_main_process:
             print(f"[{stage}] ...", flush=True)
         try:
-            if stage in ("collect", "train"):  # on every process
+            if stage == "collect" and recipe.collect.max_shards_on_disk is not None and "train" in stages:
+                if state.num_processes > 1:
+                    raise WorkbenchError("with collect.max_shards_on_disk, start `workbench run` as one process: it launches "
+                                         "collection and training itself (split the GPUs with --collect-devices and "
+                                         "--train-devices)")
+                info = stream_both(recipe_path, overrides, devices)
+                ran["collect"] = info
+                _log(recipe, "collect", log, info)
+                stage, info = "train", {"saes": [str(p) for p in _sae_folders(recipe)]}
+            elif stage in ("collect", "train"):  # on every process
                 info = RUNNERS[stage](recipe, recipe_path, overrides)
                 state.wait_for_everyone()
             else:  # on the main process; the others learn how it ended
@@ -280,6 +296,46 @@ def run(recipe: Recipe, recipe_path: str, overrides: list[str], stages: tuple[st
         if state.is_main_process:
             _log(recipe, stage, log, info)
     return log
+
+
+def stream_both(recipe_path: str, overrides: list[str], devices: tuple[str, str] | None) -> dict:
+    """Collection and training of a bounded cache at the same time: `workbench collect` and `workbench train`
+    as two commands, each under its own `accelerate launch` when devices are given (collection on the first
+    list of CUDA devices, training on the second), else as plain processes sharing this machine. The first to
+    fail stops the other; both resume when the same command runs again."""
+    children = {}
+    for i, command in enumerate(("collect", "train")):
+        env = dict(os.environ)
+        argv = [sys.executable, "-m", "workbench", command, recipe_path, *overrides]
+        if devices is not None:
+            visible = devices[i]
+            env["CUDA_VISIBLE_DEVICES"] = visible
+            argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(visible.split(","))),
+                    "-m", "workbench", command, recipe_path, *overrides]
+        children[command] = subprocess.Popen(argv, env=env, start_new_session=True)
+    failed = None
+    try:
+        while children and failed is None:
+            for command, child in list(children.items()):
+                code = child.poll()
+                if code is None:
+                    continue
+                del children[command]
+                if code != 0:
+                    failed = (command, code)
+            time.sleep(0.2)
+    finally:
+        for child in children.values():  # the other side of a failure, or of an interrupt
+            os.killpg(child.pid, signal.SIGINT)
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+    if failed is not None:
+        raise WorkbenchError(f"`workbench {failed[0]}` stopped (exit {failed[1]}), so the other side was stopped too; "
+                             f"its error is above: fix it and run the same command again (both resume)")
+    return {"streamed": True}
 
 
 def run_stage_locked(recipe: Recipe, stage: str, work: Callable[[], dict]) -> dict:

@@ -274,15 +274,17 @@ class Manifest:
     @classmethod
     def create(cls, root: Path, fingerprint: str, recipe: dict, layers: list[int], num_model_layers: int,
                d_model: int, store_dtype: str, model_dtype: str, bos_token_id: int | None,
-               pad_token_id: int | None, requested_rows: int) -> Manifest:
+               pad_token_id: int | None, requested_rows: int, buffer: dict | None = None) -> Manifest:
         """Write the manifest of a new, incomplete cache. recipe: the recipe sections that determine the
-        cache's contents (model, data, collect), whose fingerprint is `fingerprint`."""
+        cache's contents (model, data, collect), whose fingerprint is `fingerprint`. buffer: a bounded cache's
+        settings (max_shards_on_disk, holdout_shards; see buffer.py), None for a cache that keeps every shard."""
         manifest = cls(root, {
             "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint, "recipe": recipe,
             "layers": layers, "num_model_layers": num_model_layers, "d_model": d_model, "store_dtype": store_dtype,
             "model_dtype": model_dtype, "chunk_rows": chunk_rows(d_model, store_dtype), "bos_token_id": bos_token_id,
             "pad_token_id": pad_token_id, "requested_rows": requested_rows,
-            "requested_tokens": requested_rows * recipe["data"]["context_length"], "complete": False})
+            "requested_tokens": requested_rows * recipe["data"]["context_length"], "complete": False}
+            | ({"buffer": buffer} if buffer is not None else {}))
         manifest.write()
         return manifest
 
@@ -299,12 +301,20 @@ class Manifest:
 
     def finalise(self, num_shards: int, done_before: set[int]) -> Summary:
         """Check every shard is there and complete, then mark the cache complete with its shards and summary.
-        done_before: the shards that were complete before this run (for this run's speed)."""
+        done_before: the shards that were complete before this run (for this run's speed). In a bounded cache
+        (buffer.py) a shard that training released is taken from the manifest's record of it."""
+        gone = {int(k): v for k, v in (self.data.get("released") or {}).items()}
         summary = Summary(shards=num_shards, requested_rows=int(self.data["requested_rows"]),
                           context_length=int(self.data["recipe"]["data"]["context_length"]))
         shards = []
         for index in range(num_shards):
             path = self.root / shard_name(index)
+            if index in gone:
+                entry = gone[index]
+                shards.append({key: entry[key] for key in ("file", "num_tokens", "num_batches", "first_batch", "bytes")})
+                summary.bytes += entry["bytes"]
+                self._add_stats(summary, json.loads(entry["stats"]), index not in done_before)
+                continue
             if not shard_is_complete(path):
                 raise WorkbenchError(f"shard {path} is missing after collection; re-run the same command to redo it")
             size = path.stat().st_size
@@ -317,16 +327,20 @@ class Manifest:
             except (OSError, KeyError, ValueError) as err:  # json's error is a ValueError
                 raise WorkbenchError(f"cannot read shard {path} ({(str(err).splitlines() or [type(err).__name__])[0]}); "
                                      "delete it and re-run the same command to redo it") from None
-            summary.tokens += stats["tokens"]
-            summary.sequences += stats["sequences"]
             summary.bytes += size
-            if index not in done_before:
-                summary.tokens_this_run += stats["tokens"]
-            for layer, s in stats["layers"].items():
-                summary.layers.setdefault(int(layer), LayerStats()).add(s)
+            self._add_stats(summary, stats, index not in done_before)
         self.data.update(complete=True, shards=shards, summary=summary.as_dict())
         self.write()
         return summary
+
+    @staticmethod
+    def _add_stats(summary: Summary, stats: dict, this_run: bool) -> None:
+        summary.tokens += stats["tokens"]
+        summary.sequences += stats["sequences"]
+        if this_run:
+            summary.tokens_this_run += stats["tokens"]
+        for layer, s in stats["layers"].items():
+            summary.layers.setdefault(int(layer), LayerStats()).add(s)
 
     def summary(self) -> Summary:
         """The summary a complete cache's manifest records."""

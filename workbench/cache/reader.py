@@ -5,6 +5,7 @@ iterator ahead in a background thread."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -19,6 +20,7 @@ import torch
 import xxhash
 from h5py import h5s
 
+from workbench.cache import buffer
 from workbench.cache.layout import (
     CHECKSUMS,
     MANIFEST,
@@ -29,6 +31,8 @@ from workbench.cache.layout import (
     chunk_rows,
     from_stored,
     nonfinite_rows,
+    shard_is_complete,
+    shard_name,
     shard_problems,
     verify_shard,
 )
@@ -164,19 +168,23 @@ class ActivationCache:
         if not found.is_cache:
             raise WorkbenchError(f"{found.path} is not an activation-cache manifest; give the directory "
                                  "`workbench collect` wrote (collect.out)")
-        if not found.complete:
+        # A bounded cache (buffer.py) is read as its held-out shards, the ones it keeps: readable as soon as they
+        # are written, while collection and training go on.
+        self.bounded = buffer.is_bounded(found.data)
+        if not found.complete and not self.bounded:
             raise WorkbenchError(f"the cache at {self.root} is incomplete; re-run the same `workbench collect` command to finish it")
         self._manifest = found
         self.manifest: dict = found.data  # manifest.json as read (see layout.py)
         manifest = found.data
+        entries = self._held_out_entries() if self.bounded else manifest["shards"]
         self.layers: list[int] = list(manifest["layers"])
         self.d_model: int = int(manifest["d_model"])
         self.store_dtype: str = manifest["store_dtype"]
         self.drop_first_token: bool = bool(manifest["recipe"]["collect"]["drop_first_token"])
         self.sink_multiple: float | None = manifest["recipe"]["collect"]["sink_multiple"]
-        self.shards = [self.root / s["file"] for s in manifest["shards"]]
-        self._shard_tokens = [int(s["num_tokens"]) for s in manifest["shards"]]
-        self._shard_bytes = [s.get("bytes") for s in manifest["shards"]]
+        self.shards = [self.root / s["file"] for s in entries]
+        self._shard_tokens = [int(s["num_tokens"]) for s in entries]
+        self._shard_bytes = [s.get("bytes") for s in entries]
         self._chunk_rows = chunk_rows(self.d_model, self.store_dtype)
         # first global block index of each shard (blocks are chunk-aligned row ranges), and the total
         self._first_block = np.concatenate([[0], np.cumsum([-(-n // self._chunk_rows) for n in self._shard_tokens])])
@@ -189,6 +197,28 @@ class ActivationCache:
         self._spare_windows: list[np.ndarray] = []
         self._lock = threading.Lock()
         self.blocks_read = 0  # activation blocks read by the batch readers since the cache was opened
+
+    def _held_out_entries(self) -> list[dict]:
+        """A bounded cache's held-out shards as manifest entries, with their statistics (`_kept`)."""
+        entries, self._kept = [], dict.fromkeys(self.manifest["layers"], 0)
+        for index in range(buffer.holdout_shards(self.manifest)):
+            path = self.root / shard_name(index)
+            if not shard_is_complete(path):
+                raise WorkbenchError(f"the held-out shard {path} of the bounded cache at {self.root} is not written yet; "
+                                     "wait for `workbench collect` to write it (or run it)")
+            with h5py.File(path, "r") as h5:
+                a = h5.attrs
+                entries.append({"file": shard_name(index), "num_tokens": int(a["num_tokens"]), "bytes": path.stat().st_size})
+                for layer, counts in json.loads(a["stats"])["layers"].items():
+                    self._kept[int(layer)] += counts["kept"]
+        return entries
+
+    def _expectations(self, shard: int) -> dict:
+        if not self.bounded:
+            return self._manifest.shard_expectations(shard)
+        m = self.manifest
+        return {"layers": list(m["layers"]), "d_model": m["d_model"], "store_dtype": m["store_dtype"],
+                "num_tokens": self._shard_tokens[shard]}
 
     def _h5(self, shard: int) -> h5py.File:
         """An open shard, checked against the manifest (size, completeness, token count, datasets)."""
@@ -203,7 +233,7 @@ class ActivationCache:
             with self._reading(shard):
                 h5 = h5py.File(path, "r")
                 try:
-                    damaged, mismatch = shard_problems(h5, self._manifest.shard_expectations(shard))
+                    damaged, mismatch = shard_problems(h5, self._expectations(shard))
                 except BaseException:
                     h5.close()
                     raise
@@ -299,7 +329,7 @@ class ActivationCache:
         """Kept tokens of a layer: as collected, or (reading every shard's metadata) with another multiple."""
         self._check_layer(layer)
         if sink_multiple is None:
-            return int(self.manifest["summary"]["layers"][str(layer)]["kept"])
+            return self._kept[layer] if self.bounded else int(self.manifest["summary"]["layers"][str(layer)]["kept"])
         return sum(int(self._keep(layer, shard, sink_multiple).sum()) for shard in range(len(self.shards)))
 
     def first_batch(self, shard: int) -> int:
@@ -309,7 +339,7 @@ class ActivationCache:
     def check_shard(self, shard: int) -> ShardCheck:
         """Read a whole shard and check it against its checksums (layout.verify_shard). A shard that is
         whole but disagrees with the manifest is a WorkbenchError naming manifest.json."""
-        check = verify_shard(self.shards[shard], self._shard_bytes[shard], self._manifest.shard_expectations(shard))
+        check = verify_shard(self.shards[shard], self._shard_bytes[shard], self._expectations(shard))
         if check.mismatch:
             raise self._manifest.mismatch(self.shards[shard], check.mismatch)
         return check
@@ -484,6 +514,11 @@ class ActivationCache:
         position to resume from: its position is the end of the pass."""
         if split not in ("train", "holdout", "all"):
             raise ValueError(f"split must be train, holdout or all (got {split!r})")
+        if self.bounded:  # its training shards are deleted as training consumes them: what is here is held out
+            if split == "train":
+                raise WorkbenchError(f"the cache at {self.root} is a bounded buffer: its training shards are deleted as "
+                                     "training reads them, and only the held-out shards are kept; read split holdout")
+            split, holdout_fraction = "all", 0.0
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size) (got rank {rank}, world_size {world_size})")
         self._check_layer(layer)

@@ -103,16 +103,24 @@ def train(recipe: Recipe) -> list[Path]:
 
     t = recipe.train
     check_trackers(recipe)
+    if recipe.collect.max_shards_on_disk is not None:  # a bounded cache: every layer in step, as it is written
+        from workbench.training.buffered import train_buffered
+
+        return train_buffered(recipe)
     acc = Accelerator()
-    if t.data_lanes % acc.num_processes:
-        raise WorkbenchError(f"train.data_lanes ({t.data_lanes}) must be a multiple of the number of processes "
-                             f"({acc.num_processes}); set train.data_lanes={acc.num_processes * max(1, t.data_lanes // acc.num_processes)}")
+    check_lanes(t, acc.num_processes)
     with ActivationCache(t.cache or recipe.collect.out) as cache:
         layers = t.layers if t.layers is not None else cache.layers
         plans = {layer: plan_layer(recipe, cache, layer) for layer in layers}  # every recipe error before any write
         with _lock_out(acc, t.out):
             on_main_first(acc, lambda: _check_out(t, plans))
             return [folder for layer in layers for folder in train_layer(recipe, acc, cache, layer, plans[layer])]
+
+
+def check_lanes(t: TrainConfig, num_processes: int) -> None:
+    if t.data_lanes % num_processes:
+        raise WorkbenchError(f"train.data_lanes ({t.data_lanes}) must be a multiple of the number of processes "
+                             f"({num_processes}); set train.data_lanes={num_processes * max(1, t.data_lanes // num_processes)}")
 
 
 def is_trained(recipe: Recipe) -> bool:
@@ -131,6 +139,10 @@ def layer_plans(recipe: Recipe) -> dict[int, LayerPlan] | None:
     try:
         with ActivationCache(t.cache or recipe.collect.out) as cache:
             layers = t.layers if t.layers is not None else cache.layers
+            if cache.bounded:
+                from workbench.training import buffered
+
+                return {layer: buffered.plan(recipe, cache.manifest, layer) for layer in layers}
             return {layer: plan_layer(recipe, cache, layer) for layer in layers}
     except WorkbenchError:
         return None
@@ -174,14 +186,19 @@ def plan_layer(recipe: Recipe, cache: ActivationCache, layer: int) -> LayerPlan:
     t = recipe.train
     cache.num_tokens(layer)  # a clear error for a layer the cache does not have
     steps = train_steps(t)
-    algorithms = {sae_algorithm(t, cfg) for cfg in t.saes}
-    if "saelens" in algorithms:
-        _saelens_schedule(t, steps)
-    decay_start, k_anneal = _schedule(t, steps) if "dictionary_learning" in algorithms else (None, None)
+    decay_start, k_anneal = schedules(t, steps)
     holdout = min(0.5, t.eval_tokens / cache.num_tokens(layer)) if t.eval_tokens > 0 else 0.0
     identity = {"train": {k: v for k, v in train_identity(t).items() if k not in ("out", "layers", "checkpoint_every", "cache")},
                 "cache": cache.manifest["fingerprint"], "layer": layer, "holdout_fraction": holdout}
     return LayerPlan(steps, decay_start, k_anneal, holdout, fingerprint(identity))
+
+
+def schedules(t: TrainConfig, steps: int) -> tuple[int | None, int | None]:
+    """The run's schedule points (decay start, k annealing) as steps, each algorithm's checked against the run."""
+    algorithms = {sae_algorithm(t, cfg) for cfg in t.saes}
+    if "saelens" in algorithms:
+        _saelens_schedule(t, steps)
+    return _schedule(t, steps) if "dictionary_learning" in algorithms else (None, None)
 
 
 def _schedule(t: TrainConfig, steps: int) -> tuple[int | None, int | None]:
@@ -254,18 +271,6 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
     bar = progress(total=plan.steps, initial=start, unit="step", desc=f"layer {layer}", disable=not acc.is_main_process)
     tick, tick_step = time.perf_counter(), start
 
-    def finish(track: Log) -> None:
-        # Every SAE of the layer is checked and evaluated before the first file is written.
-        outputs = [_finish(recipe, cache, layer, cfg, trainer, plan, norm_factor)
-                   for trainer, cfg in zip(trainers, t.saes, strict=True)]
-        for (sae, config, eval_results), cfg, folder in zip(outputs, t.saes, folders, strict=True):
-            dl_format.save_folder(sae, folder, config, eval_results)
-            plot_curves(folder / METRICS, folder / CURVES,
-                        title=f"layer {layer} {cfg.name} ({cfg.arch}, width {cfg.width}, k {cfg.k})")
-            track({f"{cfg.name}/eval/{key}": value for key, value in eval_results.items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)}, plan.steps)
-        checkpoint_path.unlink(missing_ok=True)
-
     with tracker_run(recipe, f"layer_{layer}", to_dict(recipe), acc.is_main_process, resume_step=start) as track:
         try:  # the bar ends its line, so that an error is printed on its own
             for step in range(start, plan.steps):
@@ -282,12 +287,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
                     tokens_per_s = (step + 1 - tick_step) * t.batch_size / max(now - tick, 1e-9)
                     tick, tick_step = now, step + 1
                     if acc.is_main_process:
-                        for folder, entry in zip(folders, logs, strict=True):
-                            _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
-                                                               **entry, "tokens_per_s": tokens_per_s})
-                        track({f"{cfg.name}/{key}": value for cfg, entry in zip(t.saes, logs, strict=True)
-                               for key, value in {**entry, "dead_fraction": entry["dead"] / cfg.width,
-                                                  "tokens_per_s": tokens_per_s}.items()}, step + 1)
+                        record_logs(folders, t, step, logs, tokens_per_s, track)
                         first = logs[0]
                         bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
                                         FVE=f"{first['frac_variance_explained']:.3f}",
@@ -296,8 +296,36 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
                     _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers, positions)
         finally:
             bar.close()
-        on_main_first(acc, lambda: finish(track))
+        on_main_first(acc, lambda: finish_layer(recipe, cache, layer, trainers, plan, norm_factor, folders,
+                                                checkpoint_path, track))
     return folders
+
+
+def record_logs(folders: list[Path], t: TrainConfig, step: int, logs: list[dict], tokens_per_s: float, track: Log) -> None:
+    """A log step of a layer's SAEs: a line of each metrics.jsonl, and the trackers (main process only)."""
+    for folder, entry in zip(folders, logs, strict=True):
+        _append_metrics(folder / METRICS, {"step": step + 1, "tokens": (step + 1) * t.batch_size,
+                                           **entry, "tokens_per_s": tokens_per_s})
+    track({f"{cfg.name}/{key}": value for cfg, entry in zip(t.saes, logs, strict=True)
+           for key, value in {**entry, "dead_fraction": entry["dead"] / cfg.width,
+                              "tokens_per_s": tokens_per_s}.items()}, step + 1)
+
+
+def finish_layer(recipe: Recipe, cache: ActivationCache, layer: int, trainers: list, plan: LayerPlan, norm_factor: float,
+                 folders: list[Path], checkpoint_path: Path, track: Log) -> None:
+    """Write a trained layer's SAE folders and delete its checkpoint (main process). Every SAE of the layer is
+    checked and evaluated before the first file is written."""
+    t = recipe.train
+    outputs = [_finish(recipe, cache, layer, cfg, trainer, plan, norm_factor)
+               for trainer, cfg in zip(trainers, t.saes, strict=True)]
+    for (sae, config, eval_results), cfg, folder in zip(outputs, t.saes, folders, strict=True):
+        dl_format.save_folder(sae, folder, config, eval_results)
+        plot_curves(folder / METRICS, folder / CURVES,
+                    title=f"layer {layer} {cfg.name} ({cfg.arch}, width {cfg.width}, k {cfg.k})")
+        if eval_results is not None:
+            track({f"{cfg.name}/eval/{key}": value for key, value in eval_results.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}, plan.steps)
+    checkpoint_path.unlink(missing_ok=True)
 
 
 def _stop_if_nonfinite(trainers: list[Trainer], saes: list[SAEConfig], layer: int, plan: LayerPlan, checkpoint: Path) -> None:
@@ -503,8 +531,13 @@ def folder_config(recipe: Recipe, cache: ActivationCache, layer: int, cfg: SAECo
         threshold_start_step=0 if saelens_run else t.threshold_start_step,
         seed=t.seed, device=device, layer=layer, lm_name=model_name, group_fractions=cfg.group_fractions,
         group_weights=trainer.group_weights)
+    # n_ctxs: the contexts the data passed through; from a bounded cache, those of a shuffle window, which
+    # is what dictionary_learning's ActivationBuffer calls n_ctxs (the contexts it holds at a time)
+    collected = m["recipe"]["collect"]
+    n_ctxs = (t.shuffle_shards * collected["shard_batches"] * collected["batch_size"] if cache.bounded
+              else m["summary"]["sequences"])
     buffer_cfg = dl_format.buffer_section(
-        cache.d_model, ctx_len=m["recipe"]["data"]["context_length"], n_ctxs=m["summary"]["sequences"],
+        cache.d_model, ctx_len=m["recipe"]["data"]["context_length"], n_ctxs=n_ctxs,
         refresh_batch_size=m["recipe"]["collect"]["batch_size"], out_batch_size=t.batch_size, device=device)
     provenance = Provenance(
         arch=cfg.arch, model=model_name, dataset=m["recipe"]["data"]["path"], layer=layer,
