@@ -22,14 +22,17 @@ if TYPE_CHECKING:
 class Kept:
     """The kept entries of a [B, F] code, in row-major order: rows [N], cols [N] (int64).
 
-    Builds the CSR index structures the sparse products need: `csr(vals)` is the [B, F] matrix and
-    `csr_t(vals)` its transpose [F, B] (for the weight gradients).
+    The sparse products over them: `row_sums(vals, W_FD)` is the [B, F] code times W ([B, D]),
+    `col_sums(vals, X_BD)` its transpose times X ([F, D], the weight gradients), both as
+    `embedding_bag` sums (twice as fast as the CSR product on CPU, measured); `csr(vals)` is the code
+    as a CSR matrix (for the sampled product of the decoder's backward).
     """
 
     rows: torch.Tensor
     cols: torch.Tensor
     shape: tuple[int, int]
-    _t_order: torch.Tensor | None = field(default=None, repr=False)
+    _row_starts: torch.Tensor | None = field(default=None, repr=False)
+    _col_order: torch.Tensor | None = field(default=None, repr=False)
 
     @staticmethod
     def from_flat(flat_idx: torch.Tensor, shape: tuple[int, int]) -> Kept:
@@ -42,12 +45,21 @@ class Kept:
     def csr(self, vals_N: torch.Tensor) -> torch.Tensor:
         return _csr(_crow(self.rows, self.shape[0]), self.cols, vals_N, self.shape)
 
-    def csr_t(self, vals_N: torch.Tensor) -> torch.Tensor:
-        if self._t_order is None:  # column-major order: the entries are row-major, so a stable sort by column
-            self._t_order = torch.sort(self.cols.to(torch.int32), stable=True).indices
-        order = self._t_order
-        return _csr(_crow(self.cols, self.shape[1]), self.rows.index_select(0, order), vals_N.index_select(0, order),
-                    self.shape[::-1])
+    def row_sums(self, vals_N: torch.Tensor, W_FD: torch.Tensor) -> torch.Tensor:
+        """For each row b, the sum over its kept (b, f) of vals * W[f]: [B, D]."""
+        if self._row_starts is None:
+            self._row_starts = _crow(self.rows, self.shape[0])[:-1]
+        return torch.nn.functional.embedding_bag(self.cols, W_FD, self._row_starts, mode="sum",
+                                                 per_sample_weights=vals_N)
+
+    def col_sums(self, vals_N: torch.Tensor, X_BD: torch.Tensor) -> torch.Tensor:
+        """For each column f, the sum over its kept (b, f) of vals * X[b], b ascending: [F, D]."""
+        if self._col_order is None:  # column-major order: the entries are row-major, so a stable sort by column
+            order = torch.sort(self.cols.to(torch.int32), stable=True).indices
+            self._col_order = (order, self.rows.index_select(0, order), _crow(self.cols, self.shape[1])[:-1])
+        order, rows, col_starts = self._col_order
+        return torch.nn.functional.embedding_bag(rows, X_BD, col_starts, mode="sum",
+                                                 per_sample_weights=vals_N.index_select(0, order))
 
     def dense(self, vals_N: torch.Tensor) -> torch.Tensor:
         out_BF = torch.zeros(self.shape, dtype=vals_N.dtype, device=vals_N.device)
@@ -324,7 +336,7 @@ class _EncodeKept(torch.autograd.Function):
         kept: Kept = ctx.kept
         # Kept entries are positive, so relu passes the gradient unchanged.
         g_b_enc_F = torch.zeros(kept.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, kept.cols, g_N)
-        g_W_enc_FD = _sparse_times(kept.csr_t(g_N), x_BD - b_dec_D)
+        g_W_enc_FD = kept.col_sums(g_N, x_BD - b_dec_D)
         g_b_dec_D = -(W_enc_DF @ g_b_enc_F)
         return None, None, g_b_dec_D, g_W_enc_FD.T, g_b_enc_F, None
 
@@ -337,7 +349,7 @@ class _DecodeKept(torch.autograd.Function):
         W_dec_FD = W_dec_FD.contiguous()
         ctx.save_for_backward(vals_N, W_dec_FD)
         ctx.kept = kept
-        return kept.csr(vals_N) @ W_dec_FD
+        return kept.row_sums(vals_N, W_dec_FD)
 
     @staticmethod
     def backward(ctx, g_BD):
@@ -346,14 +358,8 @@ class _DecodeKept(torch.autograd.Function):
         g_BD = g_BD.contiguous()
         # d/d f[b, f] = <g[b], W_dec[f]>, evaluated only where f is kept.
         g_vals_N = torch.sparse.sampled_addmm(kept.csr(vals_N), g_BD, W_dec_FD.T, beta=0.0).values()
-        g_W_dec_FD = _sparse_times(kept.csr_t(vals_N), g_BD)
+        g_W_dec_FD = kept.col_sums(vals_N, g_BD)
         return g_vals_N, g_W_dec_FD, None
-
-
-def _sparse_times(csr_MN: torch.Tensor, dense_ND: torch.Tensor) -> torch.Tensor:
-    """csr @ dense into a fresh [M, D] (addmm_ with beta 0: no zero fill and no copy of the result)."""
-    out_MD = torch.empty(csr_MN.shape[0], dense_ND.shape[1], dtype=dense_ND.dtype, device=dense_ND.device)
-    return out_MD.addmm_(csr_MN, dense_ND, beta=0.0)
 
 
 def encode_kept(sae: SAE, x_BD: torch.Tensor, vals_N: torch.Tensor, kept: Kept) -> torch.Tensor:
