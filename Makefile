@@ -10,7 +10,7 @@ TOOLS := .venv-tools
 UV := $(TOOLS)/bin/uv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint venv lock clean-demo browser
+.PHONY: demo demo-stream test test-all bench lint venv lock clean-demo browser
 
 venv: $(STAMP)
 
@@ -31,6 +31,10 @@ lock: $(UV)
 
 demo: $(STAMP)
 	$(BIN)/workbench run recipes/demo.yaml
+
+# The demo with the cache as a bounded buffer: collection and training at the same time in 16 shards of disk.
+demo-stream: $(STAMP)
+	$(BIN)/workbench run recipes/demo-stream.yaml
 
 # The browser tests of the feature pages open them in headless Chromium, from Debian's package.
 browser:

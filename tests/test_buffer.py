@@ -157,3 +157,17 @@ def test_errors_are_one_line_and_keep_the_buffer(reference, tmp_path):
     assert buffer.written(cache) == before
     with pytest.raises(WorkbenchError, match=f"layer {LAYER} of the buffer at .* was consumed to its end by another training"):
         train(load_recipe(other, [f"collect.out={cache}", "train.saes[0].k=4"]))
+
+
+def test_plan_prints_the_disk_of_both_modes(tmp_path):
+    """`workbench plan`: the whole cache, and the bounded buffer's most, (N + held out + 1 writer) x shard."""
+    from workbench.plan import plan, render
+
+    p = plan(load_recipe(write_recipe(tmp_path, max_shards=6)))
+    assert p.shards == SHARDS and p.buffer_set and p.buffer_shards == 6
+    assert p.buffer_bytes() == (6 + 1 + 1) * p.shard_bytes and p.buffer_bytes(3) == (6 + 1 + 3) * p.shard_bytes
+    text = render(p)
+    assert "cache      " in text and "as a bounded buffer (collect.max_shards_on_disk 6, 1 held-out shard(s))" in text
+    unbounded = plan(load_recipe(REPO / "recipes" / "qwen3-8b-batchtopk.yaml"))
+    assert not unbounded.buffer_set and unbounded.buffer_shards == 32  # 8-shard windows, two of them + 1000 steps' two
+    assert "if collect.max_shards_on_disk were 32" in render(unbounded)

@@ -81,6 +81,11 @@ class PipelinePlan:
     cache_bytes: int
     shard_bytes: int  # a full shard, approximately
     cache_dir: str
+    # the cache as a bounded buffer (collect.max_shards_on_disk; its value, or suggested_buffer's when null)
+    buffer_shards: int
+    buffer_set: bool  # whether the recipe sets collect.max_shards_on_disk
+    holdout_shards: int
+    shuffle_shards: int
     # training
     train_tokens: int
     train_batch_size: int
@@ -98,6 +103,11 @@ class PipelinePlan:
     eval_source: str
     target_explained_variance: dict[int, float]
     warnings: list[str] = field(default_factory=list)
+
+    def buffer_bytes(self, collectors: int = 1) -> int:
+        """The most a bounded buffer holds on disk: its unreleased shards, the held-out ones, and the one each
+        collecting process is writing."""
+        return (self.buffer_shards + self.holdout_shards + collectors) * self.shard_bytes
 
     @property
     def max_kept_tokens(self) -> int:
@@ -200,7 +210,9 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> PipelinePlan:
         cache_bytes_per_layer=layer_bytes(tokens, batches, d_model, stored),
         cache_bytes=cache_bytes(tokens, batches, d_model, stored, len(layers)),
         shard_bytes=cache_bytes(shard_tokens, 0, d_model, stored, len(layers)),  # its batch medians: negligible
-        cache_dir=c.out, train_tokens=t.num_tokens, train_batch_size=t.batch_size,
+        cache_dir=c.out, buffer_shards=c.max_shards_on_disk or suggested_buffer(t, shard_tokens),
+        buffer_set=c.max_shards_on_disk is not None, holdout_shards=c.holdout_shards, shuffle_shards=t.shuffle_shards,
+        train_tokens=t.num_tokens, train_batch_size=t.batch_size,
         steps=steps, warmup_steps=t.warmup_steps, decay_start_step=schedule_step(t.decay_start, steps),
         k_anneal_steps=schedule_step(t.k_anneal_steps, steps) or 0,
         holdout_tokens=t.eval_tokens + recipe.threshold.num_tokens, saes=saes, train_dir=t.out,
@@ -260,6 +272,13 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def suggested_buffer(t, shard_tokens: int) -> int:
+    """A max_shards_on_disk that lets collection run a window ahead of training without early checkpoints: the
+    window being read, the next, and the windows between two checkpoints (train.checkpoint_every steps)."""
+    window_tokens = t.shuffle_shards * shard_tokens
+    return t.shuffle_shards * (2 + math.ceil(t.checkpoint_every * t.batch_size / window_tokens))
+
+
 def render(p: PipelinePlan) -> str:
     """The plan as text for the terminal (decimal units: 1 TB = 10^12 bytes)."""
     bound = "" if p.packing else " (at most: rows are not packed)"
@@ -277,6 +296,10 @@ def render(p: PipelinePlan) -> str:
         f"{store_itemsize(p.store_dtype)} B {p.store_dtype}) + {LAYER_TOKEN_BYTES} B (norm, drop_reason, kept); "
         f"per token {TOKEN_BYTES} B (token_id, sequence, position, batch)",
         f"           per layer {_bytes(p.cache_bytes_per_layer)}",
+        (f"buffer     as a bounded buffer ({'collect.max_shards_on_disk' if p.buffer_set else 'if collect.max_shards_on_disk were'} "
+         f"{p.buffer_shards}, {p.holdout_shards} held-out shard(s)): at most {_bytes(p.buffer_bytes())} with one collecting "
+         f"process, + {_bytes(p.shard_bytes)} for each more; training reads windows of {p.shuffle_shards} shards "
+         f"({p.shuffle_shards * p.shard_bytes / max(1, len(p.layers)) / 1e9:,.2f} GB a layer in memory)"),
         f"train      {p.train_tokens:,} tokens / batch {p.train_batch_size:,} = {p.steps:,} steps per SAE "
         f"(rounded down; {p.train_tokens - p.steps * p.train_batch_size:,} tokens left over)",
         f"           warmup {p.warmup_steps:,} steps, lr decay from step "

@@ -67,7 +67,11 @@ def describe(path: str, top: int = 10, check: bool = False) -> str:
     """The report `workbench inspect` prints; check: read and verify every shard first (`--verify`)."""
     with ActivationCache(path) as cache:
         m = cache.manifest
-        s = m["summary"]
+        if "summary" not in m:  # a bounded cache being written: what its held-out shards hold
+            s = {"tokens": 0, "sequences": 0, "shards": len(cache.shards), "bytes": sum(cache._shard_bytes),
+                 "layers": {str(layer): {"kept": cache.num_tokens(layer), "first_token": 0, "sink": 0} for layer in cache.layers}}
+        else:
+            s = m["summary"]
         rec = m["recipe"]
         lines = [
             f"cache      {path}",
@@ -77,6 +81,10 @@ def describe(path: str, top: int = 10, check: bool = False) -> str:
             f"filter     sink multiple {rec['collect']['sink_multiple']} (median over {rec['collect']['sink_median']} tokens), "
             f"drop first token {rec['collect']['drop_first_token']}",
             f"size       {s['tokens']:,} tokens in {s['sequences']:,} sequences, {s['shards']} shards, {s['bytes'] / 2**20:,.1f} MiB",
+            *([f"buffer     bounded (collect.max_shards_on_disk {m['buffer']['max_shards_on_disk']}): "
+               f"{len(m.get('released') or {})} shards released and deleted, held-out shards 0..{len(cache.shards) - 1} "
+               f"kept{'' if m['complete'] else '; still being collected'}; sink statistics below: the held-out shards"]
+              if cache.bounded else []),
             f"checksums  {verify(cache) if check else _checksum_line(cache)}",
             *([f"warning    the data ran out: {s['sequences']:,} of the {m['requested_rows']:,} requested rows were read"]
               if s["sequences"] < m.get("requested_rows", 0) else []),

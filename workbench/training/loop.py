@@ -26,6 +26,10 @@ window per lane, not the batches already trained on: its cost does not grow with
 only tensors, numbers, strings, lists and dicts, so it is read with torch.load(weights_only=True): a
 planted checkpoint.pt cannot run code.
 
+A bounded cache (collect.max_shards_on_disk) is trained by training/buffered.py instead: all layers in step,
+from one pass over its shards as collection writes them; it uses this module's plan, trainers, checkpoints
+and SAE folders.
+
 Safety: one `workbench train` at a time holds train.out (a lock); an SAE folder that holds an SAE
 of another recipe is refused, not overwritten; a NaN or Inf loss stops the run before any checkpoint
 or SAE file records it, and an SAE folder is written only when every SAE of the layer is finite.
