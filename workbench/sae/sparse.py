@@ -24,8 +24,8 @@ class Kept:
 
     The sparse products over them: `row_sums(vals, W_FD)` is the [B, F] code times W ([B, D]),
     `col_sums(vals, X_BD)` its transpose times X ([F, D], the weight gradients), both as
-    `embedding_bag` sums (twice as fast as the CSR product on CPU, measured); `csr(vals)` is the code
-    as a CSR matrix (for the sampled product of the decoder's backward).
+    `embedding_bag` sums (twice as fast as the CSR product on CPU, measured); `dots(X_BD, W_FD)` is
+    <X[b], W[f]> at each kept (b, f) (the decoder's backward), by latent (each W row read once).
     """
 
     rows: torch.Tensor
@@ -42,9 +42,6 @@ class Kept:
     def __len__(self) -> int:
         return self.rows.numel()
 
-    def csr(self, vals_N: torch.Tensor) -> torch.Tensor:
-        return _csr(_crow(self.rows, self.shape[0]), self.cols, vals_N, self.shape)
-
     def row_sums(self, vals_N: torch.Tensor, W_FD: torch.Tensor) -> torch.Tensor:
         """For each row b, the sum over its kept (b, f) of vals * W[f]: [B, D]."""
         if self._row_starts is None:
@@ -54,12 +51,25 @@ class Kept:
 
     def col_sums(self, vals_N: torch.Tensor, X_BD: torch.Tensor) -> torch.Tensor:
         """For each column f, the sum over its kept (b, f) of vals * X[b], b ascending: [F, D]."""
-        if self._col_order is None:  # column-major order: the entries are row-major, so a stable sort by column
-            order = torch.sort(self.cols.to(torch.int32), stable=True).indices
-            self._col_order = (order, self.rows.index_select(0, order), _crow(self.cols, self.shape[1])[:-1])
-        order, rows, col_starts = self._col_order
-        return torch.nn.functional.embedding_bag(rows, X_BD, col_starts, mode="sum",
+        order, rows, col_crow = self._by_column()
+        return torch.nn.functional.embedding_bag(rows, X_BD, col_crow[:-1], mode="sum",
                                                  per_sample_weights=vals_N.index_select(0, order))
+
+    def dots(self, X_BD: torch.Tensor, W_FD: torch.Tensor) -> torch.Tensor:
+        """<X[b], W[f]> for each kept (b, f), row-major: [N]. Computed latent by latent (the transposed
+        code's sampled product, then put back in row order): a W row is read once, not once per entry
+        (3x faster than by rows at F 16384, the same at F 4096, measured; the same values)."""
+        order, rows, col_crow = self._by_column()
+        code_t = _csr(col_crow, rows, X_BD.new_zeros(len(self)), self.shape[::-1])
+        by_column_N = torch.sparse.sampled_addmm(code_t, W_FD, X_BD.T, beta=0.0).values()
+        return torch.empty_like(by_column_N).index_copy_(0, order, by_column_N)
+
+    def _by_column(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the column-major order of the entries, their rows in it, the column pointers [F + 1])."""
+        if self._col_order is None:  # the entries are row-major: a stable sort by column
+            order = torch.sort(self.cols.to(torch.int32), stable=True).indices
+            self._col_order = (order, self.rows.index_select(0, order), _crow(self.cols, self.shape[1]))
+        return self._col_order
 
     def dense(self, vals_N: torch.Tensor) -> torch.Tensor:
         out_BF = torch.zeros(self.shape, dtype=vals_N.dtype, device=vals_N.device)
@@ -72,7 +82,11 @@ class Kept:
         inner = torch.tensor(bounds[1:-1], device=self.cols.device)
         group_N = torch.bucketize(self.cols, inner, right=True)
         n_groups = len(bounds) - 1
-        return Kept(self.rows * n_groups + group_N, self.cols, (self.shape[0] * n_groups, self.shape[1]))
+        grouped = Kept(self.rows * n_groups + group_N, self.cols, (self.shape[0] * n_groups, self.shape[1]))
+        # A column's entries keep their order (its group is fixed): the column-major order is shared.
+        order, _, col_crow = self._by_column()
+        grouped._col_order = (order, grouped.rows.index_select(0, order), col_crow)
+        return grouped
 
 
 def _csr(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -357,7 +371,7 @@ class _DecodeKept(torch.autograd.Function):
         kept: Kept = ctx.kept
         g_BD = g_BD.contiguous()
         # d/d f[b, f] = <g[b], W_dec[f]>, evaluated only where f is kept.
-        g_vals_N = torch.sparse.sampled_addmm(kept.csr(vals_N), g_BD, W_dec_FD.T, beta=0.0).values()
+        g_vals_N = kept.dots(g_BD, W_dec_FD)
         g_W_dec_FD = kept.col_sums(vals_N, g_BD)
         return g_vals_N, g_W_dec_FD, None
 
