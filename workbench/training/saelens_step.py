@@ -44,7 +44,7 @@ from torch.optim import lr_scheduler
 
 from workbench.config import SAELensTrainConfig
 from workbench.dist import Comm
-from workbench.sae import SAE
+from workbench.sae import SAE, batch_topk_select
 from workbench.sae.registry import architecture_of
 
 
@@ -151,7 +151,7 @@ class SAELensTrainer:
 
         The operations come in SAELens' order, each decoder norm computed where SAELens computes one, so that
         autograd accumulates the gradients in the same order."""
-        comm, s, P = self.comm, self.settings, self.params
+        s, P = self.settings, self.params
         W_dec_FD, b_dec_D = P["W_dec"], P["b_dec"]
         dead_F = self.n_forward_passes_since_fired > s.dead_feature_window  # before this step's update
         with self._autocast():
@@ -159,7 +159,7 @@ class SAELensTrainer:
             hidden_pre_BF = (x_BD - b_dec_D * True) @ P["W_enc"] + P["b_enc"]
             if s.rescale_acts_by_decoder_norm:
                 hidden_pre_BF = hidden_pre_BF * W_dec_FD.norm(dim=-1)
-            f_BF = self._batch_topk(hidden_pre_BF.relu())
+            f_BF, fired_F, smallest = self._batch_topk(hidden_pre_BF)
             x_hat_BD = self._unit_latents(f_BF) @ W_dec_FD + b_dec_D
             mse = mse_loss(x_hat_BD, x_BD, reduction="none").sum(dim=-1).mean()
             if self.widths is not None and s.use_matryoshka_aux_loss:
@@ -167,12 +167,11 @@ class SAELensTrainer:
             else:
                 aux = self._aux_loss(x_BD, x_hat_BD, hidden_pre_BF, dead_F)
             loss = mse + aux
-            self._update_threshold(f_BF)
+            self._update_threshold(smallest)
             if self.widths is not None:  # the outer level is x_hat itself
                 for _, _, inner_BD in self._levels(f_BF, outer=False):
                     loss = loss + mse_loss(inner_BD, x_BD, reduction="none").sum(dim=-1).mean()
             with torch.no_grad():
-                fired_F = comm.sum((f_BF != 0).sum(dim=0)) > 0
                 self.n_forward_passes_since_fired += 1
                 self.n_forward_passes_since_fired[fired_F] = 0
         bad = ~torch.isfinite(loss.detach())
@@ -197,20 +196,40 @@ class SAELensTrainer:
             return f_BF
         return f_BF * (1 / self.params["W_dec"].norm(dim=-1))
 
-    def _batch_topk(self, acts_BF: torch.Tensor) -> torch.Tensor:
-        """The k*B largest entries of the global batch's acts (B: the global batch), zeros elsewhere. Each
-        process keeps its own local top k*B; across processes the global top k*B of those candidates
+    def _batch_topk(self, hidden_pre_BF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The code f_BF [B, F]: the k*B largest entries of relu(hidden_pre) over the global batch (B: the global
+        batch), zeros elsewhere; with the latents that fired in the global batch [F] and the smallest positive
+        kept value (inf when none).
+
+        In one process the kept set is `batch_topk_select`'s, exactly topk's minus its zeros (which carry neither
+        value nor gradient) found without a full topk, and f is scattered from hidden_pre's entries there: the
+        same values and, through autograd, the same gradients as SAELens' relu, topk and scatter, bit for bit.
+        Across processes each keeps its own local top k*B; the global top k*B of those candidates is the rule
         (every global winner is among its process's candidates)."""
         comm = self.comm
-        B, F = acts_BF.shape
-        flat_N = acts_BF.flatten()
+        B, F = hidden_pre_BF.shape
+        flat_N = hidden_pre_BF.flatten()
+        if comm.world_size == 1:
+            kept, _ = batch_topk_select(hidden_pre_BF.detach(), self.k * B)
+            idx_N = kept.rows * F + kept.cols
+            vals_N = flat_N.index_select(0, idx_N)
+            f_BF = torch.zeros_like(flat_N).scatter_(0, idx_N, vals_N).view(B, F)
+            fired_F = torch.zeros(F, dtype=torch.bool, device=flat_N.device).index_fill_(0, kept.cols, True)
+            smallest = vals_N.detach().min() if len(kept) else flat_N.new_tensor(torch.inf)
+            return f_BF, fired_F, smallest
+        flat_N = flat_N.relu()
         vals_N, idx_N = flat_N.topk(min(self.k * B * comm.world_size, flat_N.numel()))
-        if comm.world_size > 1:
-            n = vals_N.numel()
-            winners = comm.cat(vals_N.detach()).topk(self.k * B * comm.world_size).indices
-            mine = winners[(winners >= comm.rank * n) & (winners < (comm.rank + 1) * n)] - comm.rank * n
-            vals_N, idx_N = vals_N[mine], idx_N[mine]
-        return torch.zeros_like(flat_N).scatter(-1, idx_N, vals_N).view(B, F)
+        n = vals_N.numel()
+        winners = comm.cat(vals_N.detach()).topk(self.k * B * comm.world_size).indices
+        mine = winners[(winners >= comm.rank * n) & (winners < (comm.rank + 1) * n)] - comm.rank * n
+        vals_N, idx_N = vals_N[mine], idx_N[mine]
+        f_BF = torch.zeros_like(flat_N).scatter(-1, idx_N, vals_N).view(B, F)
+        with torch.no_grad():
+            fired_F = comm.sum((f_BF != 0).sum(dim=0)) > 0
+            positive = vals_N[vals_N > 0]
+            local_min = positive.min() if positive.numel() else flat_N.new_tensor(torch.inf)
+            smallest = comm.cat(local_min.detach().reshape(1)).min()
+        return f_BF, fired_F, smallest
 
     def _levels(self, f_BF: torch.Tensor, outer: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, width, reconstruction [B, D]) of each Matryoshka level in turn, the outer one only when
@@ -260,12 +279,9 @@ class SAELensTrainer:
         return torch.zeros_like(hidden_pre_BF).scatter_(-1, top.indices, top.values)
 
     @torch.no_grad()
-    def _update_threshold(self, f_BF: torch.Tensor) -> None:
-        """topk_threshold := (1 - lr) * topk_threshold + lr * (smallest positive kept value), in float64; left
-        as it is when nothing in the global batch fired."""
-        positive = f_BF[f_BF > 0]
-        local_min = positive.min() if positive.numel() else f_BF.new_tensor(torch.inf)
-        smallest = self.comm.cat(local_min.reshape(1)).min()
+    def _update_threshold(self, smallest: torch.Tensor) -> None:
+        """topk_threshold := (1 - lr) * topk_threshold + lr * (the smallest positive kept value), in float64; left
+        as it is when nothing in the global batch fired (smallest: inf)."""
         if torch.isfinite(smallest):
             with torch.autocast(self.topk_threshold.device.type, enabled=False):
                 lr = self.settings.topk_threshold_lr
