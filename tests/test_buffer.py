@@ -123,6 +123,27 @@ def test_kill_of_either_side_then_the_same_commands(reference, tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_trainers_of_disjoint_layers_share_a_buffer(reference, tmp_path):
+    """Layers 2 and 3 collected into one 4-shard buffer, each trained by its own `workbench train` (its own
+    train.out): a shard is deleted only once both released it, and layer 2's SAE is bit-identical to the
+    one trained alone."""
+    recipe = write_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["collect"]["layers"] = [2, 3]
+    recipe.write_text(yaml.safe_dump(data))
+    run = tmp_path / "run"
+    trainers = [command("train", recipe, f"train.layers=[{layer}]", f"train.out={run / f'saes_{layer}'}") for layer in (2, 3)]
+    collector = command("collect", recipe)
+    for proc in (*trainers, collector):
+        finish(proc)
+    got = torch.load(run / "saes_2" / f"resid_post_layer_{LAYER}" / "btk" / "ae.pt", weights_only=True)
+    want = weights(reference)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    cache = Path(load_recipe(recipe).collect.out)
+    assert buffer.written(cache) == [0]
+    assert all(buffer.released_below(cache, layer) == buffer.DONE for layer in (2, 3))
+
+
 @pytest.mark.slow
 def test_two_training_processes_equal_one(reference, tmp_path):
     """Training under accelerate launch with 2 processes while collection runs: the same SAE as 1 process
