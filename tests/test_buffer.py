@@ -192,3 +192,18 @@ def test_plan_prints_the_disk_of_both_modes(tmp_path):
     unbounded = plan(load_recipe(REPO / "recipes" / "qwen3-8b-batchtopk.yaml"))
     assert not unbounded.buffer_set and unbounded.buffer_shards == 32  # 8-shard windows, two of them + 1000 steps' two
     assert "if collect.max_shards_on_disk were 32" in render(unbounded)
+
+
+def test_device_split_flags_are_checked():
+    """--collect-devices/--train-devices: both or neither, CUDA device numbers, and only with a bounded cache."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workbench", "run", str(REPO / "recipes" / "demo.yaml"), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    only_one = run("--collect-devices", "0")
+    assert only_one.returncode == 2 and "give both --collect-devices and --train-devices" in only_one.stderr
+    not_bounded = run("--collect-devices", "0,1", "--train-devices", "2")
+    assert not_bounded.returncode == 2 and "set collect.max_shards_on_disk" in not_bounded.stderr
+    bad = run("--collect-devices", "0,x", "--train-devices", "2")
+    assert bad.returncode == 2 and "not a comma-separated list of distinct CUDA device numbers" in bad.stderr
+    assert len(only_one.stderr.strip().splitlines()) == 1
