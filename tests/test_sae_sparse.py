@@ -59,7 +59,7 @@ def test_selection_is_exactly_the_full_topk_index_set(B, F, k, density):
     assert torch.equal(batch_topk(pre_BF, k), kept.dense(vals_N))
 
 
-@pytest.mark.parametrize("B,F,k", [(256, 4096, 32), (128, 1024, 16), (64, 256, 8)])
+@pytest.mark.parametrize("B,F,k", [(256, 4096, 32), (128, 1024, 16), (64, 256, 8), (100, 3000, 16)])
 def test_selection_with_the_bias_apart_is_the_topk_of_the_biased_values(B, F, k):
     g = torch.Generator().manual_seed(B * F)
     product_BF = torch.randn(B, F, generator=g)

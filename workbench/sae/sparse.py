@@ -37,7 +37,7 @@ class Kept:
     @staticmethod
     def from_flat(flat_idx: torch.Tensor, shape: tuple[int, int]) -> Kept:
         """From sorted indices into the flattened [B*F] code."""
-        return Kept(flat_idx // shape[1], flat_idx % shape[1], shape)
+        return Kept(*_row_col(flat_idx, shape[1]), shape)
 
     def __len__(self) -> int:
         return self.rows.numel()
@@ -153,7 +153,7 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
         if cand_idx.numel() >= n:
             cand_vals = flat.index_select(0, cand_idx)
             if bias_F is not None:
-                cand_vals += bias_F.index_select(0, cand_idx % F)
+                cand_vals += bias_F.index_select(0, _row_col(cand_idx, F)[1])
             if int((cand_vals > cut).sum()) >= n:
                 keep = cand_vals >= cand_vals.topk(n, sorted=False).values.min()
                 if int(keep.sum()) == n:
@@ -193,7 +193,7 @@ def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
             sub_BM.masked_fill_(live_F, -math.inf)
     cut_B = _row_floors(sub_BM, k_aux)
     flat_N = _sparse_nonzero((sub_BM > cut_B[:, None]).view(-1))
-    rows_N, cols_N = flat_N // sub_BM.shape[1], flat_N % sub_BM.shape[1]
+    rows_N, cols_N = _row_col(flat_N, sub_BM.shape[1])
     counts_B = torch.bincount(rows_N, minlength=B)
     vals_N = sub_BM.view(-1).index_select(0, flat_N)
     if bool(((counts_B < k_aux) & (cut_B > 0)).any()):  # a floor that did not hold (NaN): decide exactly
@@ -304,7 +304,16 @@ def _sparse_nonzero(mask: torch.Tensor) -> torch.Tensor:
         return torch.nonzero(mask).squeeze(1)
     hit = torch.nonzero(mask.view(torch.int64)).squeeze(1)
     local = torch.nonzero(mask.view(-1, 8).index_select(0, hit).view(-1)).squeeze(1)
-    return hit.index_select(0, local // 8) * 8 + local % 8
+    return (hit.index_select(0, local >> 3) << 3) + (local & 7)
+
+
+def _row_col(flat_N: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns of indices into a flattened [*, width]: by shift and mask when width is a power of
+    two (int64 division is ten times slower, measured)."""
+    if width & (width - 1) == 0:
+        shift = width.bit_length() - 1
+        return flat_N >> shift, flat_N & (width - 1)
+    return flat_N // width, flat_N % width
 
 
 def _sample_slice(flat: torch.Tensor) -> slice:
