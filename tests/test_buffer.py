@@ -207,3 +207,25 @@ def test_device_split_flags_are_checked():
     bad = run("--collect-devices", "0,x", "--train-devices", "2")
     assert bad.returncode == 2 and "not a comma-separated list of distinct CUDA device numbers" in bad.stderr
     assert len(only_one.stderr.strip().splitlines()) == 1
+
+
+def test_a_waiting_trainer_says_so_and_stops_on_ctrl_c(tmp_path):
+    """No collector running: the trainer waits for the next shard, prints what it waits for and since when,
+    and Ctrl-C ends it at once (its reader thread stops waiting) with the usual line and exit 130."""
+    recipe = write_recipe(tmp_path)
+    cache = Path(load_recipe(recipe).collect.out)
+    collector, trainer = command("collect", recipe), command("train", recipe)
+    deadline = time.time() + 240
+    while len(buffer.written(cache)) < 3 and time.time() < deadline:
+        time.sleep(0.05)
+    collector.kill()
+    collector.wait()
+    log = Path(load_recipe(recipe).train.out) / f"resid_post_layer_{LAYER}" / "btk" / "metrics.jsonl"
+    while not log.is_file() and time.time() < deadline:  # training has started on the shards there are
+        time.sleep(0.05)
+    time.sleep(5)  # WORKBENCH_STALL_SECONDS=2: a line every 2 s while it waits
+    trainer.send_signal(signal.SIGINT)
+    out, _ = trainer.communicate(timeout=60)
+    assert trainer.returncode == 130, out[-2000:]
+    assert "workbench train: interrupted; re-run the same command to resume" in out
+    assert "train: waiting since" in out and "for shard" in out and "no collector has written it yet" in out

@@ -29,6 +29,7 @@ from __future__ import annotations
 import fcntl
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -176,9 +177,12 @@ def release(root: Path) -> int:
     return below
 
 
+STOP = threading.Event()  # set by a training that is ending (an error, Ctrl-C): its reader thread stops waiting
+
+
 class Waiting:
     """A side that waits for the other says so: one line after stall_seconds() without progress, and again
-    every stall_seconds() while it still waits."""
+    every stall_seconds() while it still waits. A wait in a reader thread ends when STOP is set."""
 
     def __init__(self, who: str, show: bool = True):
         self.who, self.show = who, show
@@ -186,6 +190,8 @@ class Waiting:
         self.said = 0.0
 
     def tick(self, what: str) -> None:
+        if STOP.is_set() and threading.current_thread() is not threading.main_thread():
+            raise WorkbenchError(f"{self.who}: stopped while waiting {what.split(':')[0]}")
         now = time.time()
         if self.since is None:
             self.since, self.said = now, now

@@ -9,7 +9,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -591,12 +591,13 @@ class ActivationCache:
         self.close()
 
 
-def prefetch(iterator: Iterable, depth: int = 4) -> Iterator:
+def prefetch(iterator: Iterable, depth: int = 4, on_stop: Callable[[], None] | None = None) -> Iterator:
     """Run an iterator in a background thread, `depth` items ahead, so producing overlaps consuming.
     An exception in the iterator is re-raised in the consumer. When the consumer stops early (or fails,
     or is interrupted), the thread finishes its current item, closes the iterator and is joined before
     the consumer goes on: a thread left inside native code (a tokenizer, torch, HDF5) while the
-    interpreter exits can abort the process."""
+    interpreter exits can abort the process. on_stop runs first when the consumer stops: it tells an iterator
+    that waits for something (a bounded buffer's next shard) to give up, so that its thread can be joined."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -627,6 +628,8 @@ def prefetch(iterator: Iterable, depth: int = 4) -> Iterator:
             yield item
     finally:
         stop.set()
+        if on_stop is not None:
+            on_stop()
         while thread.is_alive():
             while not q.empty():  # unblock a worker waiting to put
                 q.get_nowait()

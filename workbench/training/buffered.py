@@ -192,13 +192,15 @@ def _train(recipe: Recipe, acc, root: Path, manifest: dict, layers: list[int], p
         first = min(runs[layer].start for layer in todo)
         log_every = max(1, min(100, steps // 500))
         items = prefetch(stream(spec, todo, {layer: runs[layer].start for layer in todo},
-                                {layer: runs[layer].position for layer in todo}, acc.is_main_process))
+                                {layer: runs[layer].position for layer in todo}, acc.is_main_process),
+                         on_stop=buffer.STOP.set)  # a wait for a shard ends with the loop (an error, Ctrl-C)
         tracks = {layer: held.enter_context(tracker_run(recipe, f"layer_{layer}", to_dict(recipe), acc.is_main_process,
                                                         resume_step=runs[layer].start)) for layer in todo}
         bar = progress(total=steps, initial=first, unit="step", desc=f"layers {','.join(map(str, todo))}",
                        disable=not acc.is_main_process)
         tick, tick_step = time.perf_counter(), first
         done = first
+        buffer.STOP.clear()
         try:
             for item in items:
                 if item is CHECKPOINT:  # the buffer has no room for the next window until this releases shards

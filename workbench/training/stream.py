@@ -155,6 +155,9 @@ class _Shards:
             manifest = Manifest.read(self.root)
             if manifest.complete and shard >= len(manifest.data["shards"]):
                 return None
+            if manifest.complete and shard not in buffer.released(manifest.data):
+                raise WorkbenchError(f"cache shard {path} is missing from the finished buffer; re-run the same `workbench "
+                                     "collect` command to redo it, then this one")
             if shard in buffer.released(manifest.data):
                 raise WorkbenchError(f"shard {path} was already consumed and deleted by this buffer's training, so the "
                                      "training cannot restart from before it: restore its checkpoint, or collect a new "
