@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -144,19 +146,26 @@ def test_trainers_of_disjoint_layers_share_a_buffer(reference, tmp_path):
     assert all(buffer.released_below(cache, layer) == buffer.DONE for layer in (2, 3))
 
 
-@pytest.mark.slow
-def test_two_training_processes_equal_one(reference, tmp_path):
-    """Training under accelerate launch with 2 processes while collection runs: the same SAE as 1 process
-    to the 2-process training test's tolerance (the gradients are averaged in another order)."""
+def test_two_processes_on_each_side_equal_one(reference, tmp_path):
+    """Collection and training each under accelerate launch with 2 processes, at the same time: the same
+    shards as one collecting process, and the same SAE as one training process to the 2-process training
+    test's tolerance (the gradients are averaged in another order)."""
     recipe = write_recipe(tmp_path)
-    prefix, env = accelerate_two_cpu_processes(tmp_path)
-    env |= {"WORKBENCH_STALL_SECONDS": "2", "OMP_NUM_THREADS": "1"}
-    trainer = subprocess.Popen([*prefix, "train", str(recipe)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    finish(command("collect", recipe)), finish(trainer)
+    launched = []
+    for which in ("train", "collect"):
+        (tmp_path / which).mkdir()
+        prefix, env = accelerate_two_cpu_processes(tmp_path / which)
+        env |= {"WORKBENCH_STALL_SECONDS": "2", "OMP_NUM_THREADS": "1"}
+        launched.append(subprocess.Popen([*prefix, which, str(recipe)], env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True))
+    for proc in launched:
+        finish(proc, timeout=900)
     got, want = weights(recipe), weights(reference)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=key)  # as tests/test_train.py
+    with h5py.File(Path(load_recipe(recipe).collect.out) / shard_name(0), "r") as mine, \
+            h5py.File(Path(load_recipe(reference).collect.out) / shard_name(0), "r") as theirs:
+        assert np.array_equal(mine[f"layer_{LAYER}/activations"][:], theirs[f"layer_{LAYER}/activations"][:])
 
 
 def test_errors_are_one_line_and_keep_the_buffer(reference, tmp_path):
