@@ -101,6 +101,17 @@ def test_training_first_with_a_small_buffer_equals_collection_first(reference, t
     assert config["workbench"]["holdout_fraction"] is None and config["buffer"]["n_ctxs"] == 2 * 8
 
 
+def test_workbench_run_streams_collection_and_training(reference, tmp_path):
+    """`workbench run` with the key set starts both at once and logs both stages; the SAE is the same."""
+    recipe = write_recipe(tmp_path)
+    out = finish(command("run", recipe, "--stages", "collect,train"))
+    assert "[collect] ..." in out and "[train] already done" in out
+    got, want = weights(recipe), weights(reference)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    log = json.loads((Path(load_recipe(recipe).train.out) / "pipeline.json").read_text())
+    assert {"collect", "train"} <= set(log["stages"])
+
+
 def test_kill_of_either_side_then_the_same_commands(reference, tmp_path):
     """kill -9 of the trainer after a checkpoint, and of the collector while it writes into the room that
     checkpoint released, then the same two commands: the SAE is bit-identical to the uninterrupted one."""
@@ -203,19 +214,19 @@ def test_plan_prints_the_disk_of_both_modes(tmp_path):
     assert "if collect.max_shards_on_disk were 32" in render(unbounded)
 
 
-def test_device_split_flags_are_checked():
+def test_device_split_flags_are_checked(capsys):
     """--collect-devices/--train-devices: both or neither, CUDA device numbers, and only with a bounded cache."""
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "workbench", "run", str(REPO / "recipes" / "demo.yaml"), *args],
-                              capture_output=True, text=True, timeout=120)
+    from workbench.cli import main
 
-    only_one = run("--collect-devices", "0")
-    assert only_one.returncode == 2 and "give both --collect-devices and --train-devices" in only_one.stderr
-    not_bounded = run("--collect-devices", "0,1", "--train-devices", "2")
-    assert not_bounded.returncode == 2 and "set collect.max_shards_on_disk" in not_bounded.stderr
-    bad = run("--collect-devices", "0,x", "--train-devices", "2")
-    assert bad.returncode == 2 and "not a comma-separated list of distinct CUDA device numbers" in bad.stderr
-    assert len(only_one.stderr.strip().splitlines()) == 1
+    def run(*args: str) -> str:
+        assert main(["run", str(REPO / "recipes" / "demo.yaml"), *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        return err
+
+    assert "give both --collect-devices and --train-devices" in run("--collect-devices", "0")
+    assert "set collect.max_shards_on_disk" in run("--collect-devices", "0,1", "--train-devices", "2")
+    assert "not a comma-separated list of distinct CUDA device numbers" in run("--collect-devices", "0,x", "--train-devices", "2")
 
 
 def test_a_waiting_trainer_says_so_and_stops_on_ctrl_c(tmp_path):
