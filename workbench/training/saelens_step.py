@@ -234,13 +234,17 @@ class SAELensTrainer:
     def _levels(self, f_BF: torch.Tensor, outer: bool) -> Iterator[tuple[int, int, torch.Tensor]]:
         """(start, width, reconstruction [B, D]) of each Matryoshka level in turn, the outer one only when
         `outer`: b_dec plus the latents below its width, cumulatively. Lazy, as SAELens' _iterable_decode: each
-        level's graph is built after the previous level's loss."""
+        level's graph is built after the previous level's loss.
+
+        The latents are split into one view a level (SAELens slices them): the same products, and their
+        gradients, disjoint, join in one concatenation instead of a zero-padded [B, F] copy a level summed up."""
         latents_BF, W_dec_FD = self._unit_latents(f_BF), self.params["W_dec"]
-        decoded_BD, start = self.params["b_dec"], 0
-        for width in self.widths if outer else self.widths[:-1]:
-            decoded_BD = latents_BF[:, start:width] @ W_dec_FD[start:width] + decoded_BD
+        starts = [0, *self.widths[:-1]]
+        groups = latents_BF.split([width - start for start, width in zip(starts, self.widths, strict=True)], dim=1)
+        decoded_BD = self.params["b_dec"]
+        for start, width, group_BW in zip(starts, self.widths if outer else self.widths[:-1], groups, strict=False):
+            decoded_BD = group_BW @ W_dec_FD[start:width] + decoded_BD
             yield start, width, decoded_BD
-            start = width
 
     def _aux_loss(self, x_BD, x_hat_BD, hidden_pre_BF, dead_F) -> torch.Tensor:
         """coefficient * min(n_dead / k_aux, 1) * ||residual - top-k_aux dead latents' reconstruction||^2."""
