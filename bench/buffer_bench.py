@@ -38,6 +38,10 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from resume_bench import time_to_first_step  # noqa: E402  (the restart timing: `workbench train` to its first new step)
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_PROGRESS_EVERY": "3600"}
 SHARD_TOKENS = 2 * 16 * 128  # demo-stream: 2 forward batches of 16 rows of 128 tokens
 
@@ -149,24 +153,8 @@ def killed_at(root: Path, steps: int, step: int) -> None:
 
 
 def restart_seconds(root: Path, steps: int, step: int) -> float:
-    recipe = write_resume_recipe(root, steps)
     metrics = root / "saes" / "resid_post_layer_2" / "sae" / "metrics.jsonl"
-    begin = time.perf_counter()
-    proc = start("train", recipe)
-    try:
-        while proc.poll() is None:
-            if metrics.is_file():
-                lines = [line for line in metrics.read_text().splitlines() if line.strip()]
-                try:
-                    if lines and json.loads(lines[-1])["step"] > step:
-                        return time.perf_counter() - begin
-                except json.JSONDecodeError:
-                    pass
-            time.sleep(0.005)
-        raise SystemExit(f"the restarted run ended first: {proc.stderr.read()[-2000:]}")
-    finally:
-        proc.kill()
-        proc.wait()
+    return time_to_first_step(write_resume_recipe(root, steps), metrics, step)
 
 
 def stream_seconds(root: Path, steps: int) -> float:

@@ -163,7 +163,18 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     an flock: it is released when the process ends, kill -9 included, so it never needs cleaning up.
     what: the command that holds it, for the message (e.g. "workbench collect")."""
     folder = make_dir(Path(folder))
-    path = folder / ".lock"
+
+    def busy(holder: str) -> str:
+        return f"{folder} is in use by {holder}; wait for it to finish (or stop it) and run the command again"
+
+    with file_lock(folder / ".lock", what, busy):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path, what: str, busy: Callable[[str], str]) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if needed), which records `what` (pid added) for whoever
+    finds it taken: they fail at once with the one line busy(holder)."""
     try:
         fh = open(path, "a+")
     except OSError as err:
@@ -173,9 +184,7 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise WorkbenchError(f"{folder} is in use by {holder}; wait for it to finish (or stop it) and "
-                                 "run the command again") from None
+            raise WorkbenchError(busy(fh.read().strip() or "another process")) from None
         fh.seek(0)
         fh.truncate()
         fh.write(f"{what} (pid {os.getpid()})")

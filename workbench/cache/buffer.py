@@ -39,7 +39,7 @@ import h5py
 
 from workbench.cache.layout import SHARD_DIR, Manifest, shard_name
 from workbench.errors import WorkbenchError
-from workbench.files import make_dir, read_json_object, write_error, write_json
+from workbench.files import file_lock, make_dir, read_json_object, write_error, write_json
 
 CONSUMERS = "consumers"
 MANIFEST_LOCK = ".manifest.lock"
@@ -99,24 +99,13 @@ def floor(root: Path, layers: list[int], holdout: int) -> int:
 def claim_layer(root: Path, layer: int, fingerprint: str, out: str) -> Iterator[None]:
     """Hold layer `layer` of the buffer for one trainer: a second trainer of the same layer fails at once, and so
     does a trainer whose recipe differs from the one that already released (and deleted) part of the layer."""
-    folder = make_dir(Path(root) / CONSUMERS)
-    path = folder / f"layer_{layer}.lock"
-    try:
-        fh = open(path, "a+")
-    except OSError as err:
-        raise write_error(path, err) from None
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise WorkbenchError(f"layer {layer} of the buffer at {root} is already being trained by {holder}: two "
-                                 "trainers cannot share a layer; train other layers (train.layers) or wait for it") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"workbench train into {out} (pid {os.getpid()})")
-        fh.flush()
+    path = make_dir(Path(root) / CONSUMERS) / f"layer_{layer}.lock"
+
+    def busy(holder: str) -> str:
+        return (f"layer {layer} of the buffer at {root} is already being trained by {holder}: two trainers cannot "
+                "share a layer; train other layers (train.layers) or wait for it")
+
+    with file_lock(path, f"workbench train into {out}", busy):
         found = read_json_object(consumer_path(root, layer), fix="delete it only together with the cache")
         if found is not None and found.get("fingerprint") != fingerprint:
             below = int(found.get("released_below", 0))
@@ -125,8 +114,6 @@ def claim_layer(root: Path, layer: int, fingerprint: str, out: str) -> Iterator[
                                  f"{found.get('out')}), and those shards are deleted: restore that recipe to resume it, or "
                                  "collect a new buffer (another collect.out)")
         yield
-    finally:
-        fh.close()
 
 
 def write_release(root: Path, layer: int, below: int, fingerprint: str, out: str) -> None:
