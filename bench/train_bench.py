@@ -1,5 +1,5 @@
-"""Training throughput: the workbench step against dictionary_learning 0.1.0's update, and HDF5-fed
-against in-memory batches.
+"""Training throughput: the workbench step against dictionary_learning 0.1.0's update, the SAELens-algorithm
+step against sae-lens 6.54.12's own SAETrainer._train_step, and HDF5-fed against in-memory batches.
 
     .venv/bin/python bench/train_bench.py [--steps 40] [--rounds 3] [--threads N]
 
@@ -8,7 +8,10 @@ fractions 1/32, 1/16, 1/8, 1/4, 17/32). Both sides start from the same weights a
 in-memory batches; dictionary_learning runs in its own process (importing it patches torch), with the
 same thread count. Each round runs both, alternating, after 5 untimed warm-up steps; the table shows
 the best round of each (the machine is shared: the best round is the least disturbed one; every
-round is in the JSON). HDF5-fed: the training loop's own reader (8 lanes of ActivationCache.batches, one
+round is in the JSON). SAELens: `SAELensTrainer.update` against `SAETrainer._train_step` on SAELens'
+BatchTopKTrainingSAE / MatryoshkaBatchTopKTrainingSAE at SAELens' defaults (sae-lens in its own process as
+dictionary_learning is), from the same initial weights (SAELens' init, `init_weights_`) on the same batches;
+after every round the two final states are compared (the step is bit-identical: `equal` in the JSON). HDF5-fed: the training loop's own reader (8 lanes of ActivationCache.batches, one
 prefetch thread) on a synthetic float32 cache in the page cache, against the same number of steps on
 batches already in memory. The selection's exactness is checked on every timed batch: the kept index
 set equals torch.topk's over the flattened [B, F] pre-activations.
@@ -41,6 +44,7 @@ from workbench.sae import batch_topk_select  # noqa: E402
 from workbench.sae.registry import ARCHITECTURES, BATCHTOPK, Architecture  # noqa: E402
 from workbench.training import Trainer  # noqa: E402
 from workbench.training.loop import LayerPlan, global_batches  # noqa: E402
+from workbench.training.saelens_step import SAELensTrainer, init_weights_  # noqa: E402
 
 B, D, F, K = 1024, 256, 4096, 32
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]
@@ -64,6 +68,38 @@ start = time.perf_counter()
 for step in range(spec["warmup"], len(batches)):
     trainer.update(step, batches[step].clone())
 print(time.perf_counter() - start)
+"""
+
+
+SAELENS_REFERENCE = r"""
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[3]))
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+from sae_lens.saes.matryoshka_batchtopk_sae import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+spec = torch.load(sys.argv[1], weights_only=True)
+common = dict(d_in=spec["D"], d_sae=spec["F"], k=spec["k"], dtype="float32", device="cpu")
+if spec["widths"]:
+    sae = MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(**common, matryoshka_widths=spec["widths"]))
+else:
+    sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(**common))
+sae.load_state_dict(spec["state"])
+batches = spec["batches"]
+n, B = batches.shape[:2]
+trainer = SAETrainer(cfg=SAETrainerConfig(total_training_samples=spec["steps"] * B, train_batch_size_samples=B,
+                                          lr_end=3e-5), sae=sae, data_provider=iter(()))
+def step(x_BD):
+    trainer._train_step(sae=sae, sae_in=x_BD)
+    trainer.n_training_steps += 1  # as fit() does after each step
+for x_BD in batches[:spec["warmup"]]:
+    step(x_BD)
+start = time.perf_counter()
+for x_BD in batches[spec["warmup"]:]:
+    step(x_BD)
+elapsed = time.perf_counter() - start
+torch.save({k: v.clone() for k, v in sae.state_dict().items()}, sys.argv[2])
+print(elapsed)
 """
 
 
@@ -103,6 +139,38 @@ def time_reference(arch: Architecture, batches: torch.Tensor, threads: int, work
     proc = subprocess.run([sys.executable, "-c", REFERENCE, str(spec), "x", str(threads)], env=env,
                           capture_output=True, text=True, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
+
+
+def new_saelens_trainer(arch: Architecture) -> SAELensTrainer:
+    """SAELens' initial weights (init_weights_ from seed 0) at its default settings."""
+    sae = new_sae(arch)
+    torch.manual_seed(0)
+    init_weights_(sae)
+    return SAELensTrainer(sae, 10_000)
+
+
+def time_saelens_workbench(arch: Architecture, batches: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    """Seconds for the steps after WARMUP of SAELensTrainer.update, and its final training state."""
+    trainer = new_saelens_trainer(arch)
+    for x_BD in batches[:WARMUP]:
+        trainer.update(x_BD)
+    start = time.perf_counter()
+    for x_BD in batches[WARMUP:]:
+        trainer.update(x_BD)
+    return time.perf_counter() - start, trainer.training_state()
+
+
+def time_saelens_reference(arch: Architecture, batches: torch.Tensor, threads: int, workdir: Path
+                           ) -> tuple[float, dict[str, torch.Tensor]]:
+    """sae-lens' _train_step from the same initial state in its own process: seconds and final state."""
+    trainer = new_saelens_trainer(arch)
+    spec, out = workdir / "saelens_spec.pt", workdir / "saelens_state.pt"
+    torch.save({"D": D, "F": F, "k": K, "widths": trainer.widths, "warmup": WARMUP, "steps": 10_000,
+                "batches": batches, "state": trainer.training_state()}, spec)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, "-c", SAELENS_REFERENCE, str(spec), str(out), str(threads)], env=env,
+                          capture_output=True, text=True, check=True)
+    return float(proc.stdout.strip().splitlines()[-1]), torch.load(out, weights_only=True)
 
 
 def selection_is_exact(batches: torch.Tensor) -> tuple[int, int]:
@@ -158,6 +226,17 @@ def main() -> None:
                                   "speedup": min(ref) / min(ours),
                                   "median_speedup": statistics.median(ref) / statistics.median(ours),
                                   "rounds_s": {"dictionary_learning": ref, "workbench": ours}}
+            ours, ref, equal = [], [], []
+            for _ in range(args.rounds):
+                ref_s, ref_state = time_saelens_reference(arch, batches, args.threads, workdir)
+                ours_s, our_state = time_saelens_workbench(arch, batches)
+                ref.append(ref_s)
+                ours.append(ours_s)
+                equal.append(all(torch.equal(our_state[name], ref_state[name]) for name in ref_state))
+            results[f"saelens_{arch.name}"] = {
+                "saelens_tok_s": tokens / min(ref), "workbench_tok_s": tokens / min(ours), "speedup": min(ref) / min(ours),
+                "median_speedup": statistics.median(ref) / statistics.median(ours), "equal": all(equal),
+                "rounds_s": {"saelens": ref, "workbench": ours}}
         equal, checked = selection_is_exact(batches)
         results["selection_equal_to_topk"] = f"{equal}/{checked}"
         feeds = [hdf5_vs_memory(args.steps, workdir / f"feed{i}") for i in range(args.rounds)]
@@ -174,6 +253,16 @@ def main() -> None:
             speed = r[key]
             ratio = f"{r['speedup']:.2f}x" if key == "workbench_tok_s" else ""
             print(f"{arch + ' ' + name:<34}{speed:>12,.0f}{B / speed * 1000:>10.1f}{ratio:>9}")
+    for arch in ARCHITECTURES:
+        r = results[f"saelens_{arch}"]
+        for name, key in (("sae-lens _train_step", "saelens_tok_s"), ("workbench SAELensTrainer", "workbench_tok_s")):
+            speed = r[key]
+            ratio = f"{r['speedup']:.2f}x" if key == "workbench_tok_s" else ""
+            print(f"{arch + ' ' + name:<34}{speed:>12,.0f}{B / speed * 1000:>10.1f}{ratio:>9}")
+    saelens_medians = ", ".join(f"{results[f'saelens_{arch}']['median_speedup']:.2f}x" for arch in ARCHITECTURES)
+    same = all(results[f"saelens_{arch}"]["equal"] for arch in ARCHITECTURES)
+    print(f"SAELens algorithm: speedup, median of rounds: {saelens_medians}; final weights equal to sae-lens' "
+          f"in every round: {'yes' if same else 'NO'}")
     h = results["hdf5_vs_memory"]
     medians = ", ".join(f"{results[arch]['median_speedup']:.2f}x" for arch in ARCHITECTURES)
     print(f"{BATCHTOPK.name + ' HDF5-fed (8 lanes)':<34}{h['hdf5_tok_s']:>12,.0f}{B / h['hdf5_tok_s'] * 1000:>10.1f}")
