@@ -229,6 +229,7 @@ def test_device_split_flags_are_checked(capsys):
     assert "not a comma-separated list of distinct CUDA device numbers" in run("--collect-devices", "0,x", "--train-devices", "2")
 
 
+@pytest.mark.slow  # the waiting lines themselves are asserted by the fast test_training_first_...
 def test_a_waiting_trainer_says_so_and_stops_on_ctrl_c(tmp_path):
     """No collector running: the trainer waits for the next shard, prints what it waits for and since when,
     and Ctrl-C ends it at once (its reader thread stops waiting) with the usual line and exit 130."""

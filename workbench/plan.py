@@ -29,7 +29,7 @@ from workbench.cache.layout import (
     layer_bytes,
     store_itemsize,
 )
-from workbench.config import Recipe, schedule_step, train_steps
+from workbench.config import Recipe, sae_algorithm, schedule_step, train_steps
 from workbench.data import num_rows
 from workbench.errors import WorkbenchError
 from workbench.export import default_series_name, export_id
@@ -94,6 +94,8 @@ class PipelinePlan:
     decay_start_step: int | None
     k_anneal_steps: int
     holdout_tokens: int  # train.eval_tokens + threshold.num_tokens, also taken from the cache
+    saelens_saes: list[str]  # the SAEs trained with SAELens' algorithm, and its schedule in words
+    saelens_schedule: str
     saes: list[SAEPlan]
     train_dir: str
     # export and evaluation
@@ -192,7 +194,7 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> PipelinePlan:
             sizes = arch.group_sizes(s.width, s.group_fractions)
             saes.append(SAEPlan(
                 layer=layer, name=s.name, arch=s.arch, width=s.width, k=s.k, group_sizes=sizes,
-                lr=t.lr if t.lr is not None else auto_lr(s.width),
+                lr=t.saelens.lr if sae_algorithm(t, s) == "saelens" else t.lr if t.lr is not None else auto_lr(s.width),
                 weights_bytes=arch.weights_bytes(d_model, s.width, sizes),
                 train_dir=str(train_dir(recipe, layer, s.name)),
                 export_dirs={f: str(export_dir(recipe, f, layer, s.name)) for f in recipe.export.formats},
@@ -216,6 +218,9 @@ def plan(recipe: Recipe, recipe_path: str | None = None) -> PipelinePlan:
         steps=steps, warmup_steps=t.warmup_steps, decay_start_step=schedule_step(t.decay_start, steps),
         k_anneal_steps=schedule_step(t.k_anneal_steps, steps) or 0,
         holdout_tokens=t.eval_tokens + recipe.threshold.num_tokens, saes=saes, train_dir=t.out,
+        saelens_saes=[s.name for s in t.saes if sae_algorithm(t, s) == "saelens"],
+        saelens_schedule=(f"lr {t.saelens.lr:g} ({t.saelens.lr_scheduler_name}), warmup {t.saelens.lr_warm_up_steps:,} steps, "
+                          f"linear decay over the last {t.saelens.lr_decay_steps:,}, k not annealed"),
         export_formats=list(recipe.export.formats),
         series_name=series_name(recipe),
         eval_tokens=ev.num_tokens, eval_source=eval_source,
@@ -302,10 +307,12 @@ def render(p: PipelinePlan) -> str:
          f"({p.shuffle_shards * p.shard_bytes / max(1, len(p.layers)) / 1e9:,.2f} GB a layer in memory)"),
         f"train      {p.train_tokens:,} tokens / batch {p.train_batch_size:,} = {p.steps:,} steps per SAE "
         f"(rounded down; {p.train_tokens - p.steps * p.train_batch_size:,} tokens left over)",
-        f"           warmup {p.warmup_steps:,} steps, lr decay from step "
-        f"{'-' if p.decay_start_step is None else f'{p.decay_start_step:,}'}, "
-        f"{f'k annealed over {p.k_anneal_steps:,} steps' if p.k_anneal_steps else 'k not annealed'}; "
-        f"{p.holdout_tokens:,} cache tokens held out for evaluation",
+        *([f"           SAELens' algorithm for {', '.join(p.saelens_saes)}: {p.saelens_schedule}"] if p.saelens_saes else []),
+        *([f"           {'dictionary_learning: ' if p.saelens_saes else ''}warmup {p.warmup_steps:,} steps, lr decay "
+           f"from step {'-' if p.decay_start_step is None else f'{p.decay_start_step:,}'}, "
+           f"{f'k annealed over {p.k_anneal_steps:,} steps' if p.k_anneal_steps else 'k not annealed'}"]
+          if len(p.saelens_saes) < len(p.saes) // max(1, len({s.layer for s in p.saes})) else []),
+        f"           {p.holdout_tokens:,} cache tokens held out for evaluation",
         f"           {len(p.saes)} SAEs, {_bytes(sum(s.weights_bytes for s in p.saes))} of float32 weights in all",
         f"  {'layer':>5} {'name':<12} {'arch':<10} {'width':>7} {'k':>4} {'lr':>9} {'weights':>10}  trained into",
     ]

@@ -224,6 +224,10 @@ def _train(recipe: Recipe, acc, root: Path, manifest: dict, layers: list[int], p
                         loop._stop_if_nonfinite(run.trainers, t.saes, layer, plans[layer], run.path)
                     if log and acc.is_main_process:
                         loop.record_logs(folders[layer], t, step, logs, tokens_per_s, tracks[layer])
+                        if layer == todo[0]:
+                            first = logs[0]
+                            bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
+                                            FVE=f"{first['frac_variance_explained']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     if checkpoint:
                         save(layer, step + 1)
                 done = step + 1

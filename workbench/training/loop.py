@@ -282,7 +282,6 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
                 x_BD = x_BD.to(acc.device, non_blocking=True) / norm_factor
                 log = (step + 1) % log_every == 0 or step + 1 == plan.steps
                 logs = [trainer.update(x_BD, log=log) for trainer in trainers]
-                bar.update(1)
                 save = (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.steps  # the last: a kill while finishing redoes only that
                 if log or save:  # before anything records this step: a checkpoint must never hold NaN weights
                     _stop_if_nonfinite(trainers, t.saes, layer, plan, checkpoint_path)
@@ -296,6 +295,7 @@ def train_layer(recipe: Recipe, acc, cache: ActivationCache, layer: int, plan: L
                         bar.set_postfix(loss=f"{first['loss']:.4g}", L0=f"{first['l0']:.1f}",
                                         FVE=f"{first['frac_variance_explained']:.3f}",
                                         dead=f"{first['dead'] / t.saes[0].width:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                bar.update(1)  # after the postfix: a line it prints carries this step's figures
                 if save:
                     _write_checkpoint(acc, checkpoint_path, plan, step + 1, norm_factor, trainers, positions)
         finally:
