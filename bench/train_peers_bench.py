@@ -6,17 +6,20 @@ product (x - b_dec) @ W_enc alone at the same shapes.
     .venv/bin/python bench/train_peers_bench.py [--steps 20] [--warmup 5] [--rounds 3] [--threads 1]
                                                 [--regimes btk-4096,...] [--sparsify-venv DIR]
 
-B 1024 tokens a step, D 256, fp32; regimes (bench/train_peers_worker.py says how latents are made dead):
-BatchTopK F 4096 / k 32 with no, 10% and every latent dead, F 16384 / k 80 with none and every latent
-dead; Matryoshka (the Gemma-3 series' fractions 1/32, 1/16, 1/8, 1/4, 17/32) F 4096 / k 32 with no,
-10% and every latent dead. Every side starts from the same weights and sees the same batches.
+B 1024 tokens a step, D 256, fp32; the regimes of issue 16's table (bench/train_peers_worker.py says how
+latents are made dead): BatchTopK F 4096 / k 32 with no, 10% and every latent dead, F 16384 / k 80 with
+none dead; Matryoshka (the Gemma-3 series' fractions 1/32, 1/16, 1/8, 1/4, 17/32) F 4096 / k 32 with no,
+10% and every latent dead. Every side starts from the same weights and sees the same batches. The floor
+is the encoder product alone, written into one preallocated [B, F] output (a fresh output would add the
+page faults of a new allocation, which a step can avoid).
 
 Each side is a process of its own (importing dictionary_learning patches torch; sparsify lives in its
 own virtualenv, made by this script on first use: `--sparsify-venv`, default .venv-sparsify, ignored
 by git, with the CPU wheel of torch), started once, with the same thread count; the sides wait on
 their stdin while another runs. A round times every regime on every side in turn; the table shows
-steps/s from the median of the rounds, and the ratios are of those medians. Writes
-bench/results/train_peers_bench.json (every round's times too).
+steps/s from the median of the rounds, and the ratios are of those medians; the machine may be shared,
+so each side's CPU time (process_time) is recorded too, and the ratios from it are the last two
+columns. Writes bench/results/train_peers_bench.json (every round's times too).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ REGIMES = {  # name: (architecture, F, k, dead)
     "btk-4096-dead10": ("batchtopk", 4096, 32, "10"),
     "btk-4096-deadall": ("batchtopk", 4096, 32, "all"),
     "btk-16384": ("batchtopk", 16384, 80, "none"),
-    "btk-16384-deadall": ("batchtopk", 16384, 80, "all"),
     "mat-4096": ("matryoshka", 4096, 32, "none"),
     "mat-4096-dead10": ("matryoshka", 4096, 32, "10"),
     "mat-4096-deadall": ("matryoshka", 4096, 32, "all"),
@@ -91,7 +93,7 @@ def sparsify_python(venv: Path) -> Path:
 
 
 class Side:
-    """A worker process for one side: `time(spec, warmup, steps)` -> (seconds, dead latents)."""
+    """A worker process for one side: `time(spec, warmup, steps)` -> (seconds, CPU seconds, dead latents)."""
 
     def __init__(self, side: str, python: Path, threads: int):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -107,11 +109,11 @@ class Side:
             if line.startswith("{"):
                 return json.loads(line)
 
-    def time(self, spec: Path, warmup: int, steps: int) -> tuple[float, int]:
+    def time(self, spec: Path, warmup: int, steps: int) -> tuple[float, float, int]:
         self.proc.stdin.write(json.dumps({"spec": str(spec), "warmup": warmup, "steps": steps}) + "\n")
         self.proc.stdin.flush()
         answer = self._read()
-        return answer["s"], answer["dead"]
+        return answer["s"], answer["cpu_s"], answer["dead"]
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -131,6 +133,7 @@ def main() -> None:
     pythons = {side: Path(sys.executable) for side in SIDES}
     pythons["sparsify"] = sparsify_python(args.sparsify_venv)
     times: dict = {r: {s: [] for s in SIDES} for r in regimes}
+    cpu_times: dict = {r: {s: [] for s in SIDES} for r in regimes}
     dead: dict = {r: {} for r in regimes}
     with tempfile.TemporaryDirectory() as tmp:
         batches = make_batches(args.warmup + args.steps)
@@ -145,8 +148,9 @@ def main() -> None:
                     for side in order:
                         if side == "sparsify" and REGIMES[r][0] == "matryoshka":
                             continue
-                        seconds, n_dead = workers[side].time(specs[r], args.warmup, args.steps)
+                        seconds, cpu_seconds, n_dead = workers[side].time(specs[r], args.warmup, args.steps)
                         times[r][side].append(seconds)
+                        cpu_times[r][side].append(cpu_seconds)
                         dead[r][side] = n_dead
                     print(f"round {round_ + 1}/{args.rounds} {r}: " + ", ".join(
                         f"{s} {args.steps / t[-1]:.2f}" for s, t in times[r].items() if t), flush=True)
@@ -157,28 +161,35 @@ def main() -> None:
     rows = {}
     for r in regimes:
         med = {s: statistics.median(t) for s, t in times[r].items() if t}
+        cpu = {s: statistics.median(t) for s, t in cpu_times[r].items() if t}
         rate = {s: args.steps / m for s, m in med.items()}
+        cpu_rate = {s: args.steps / m for s, m in cpu.items()}
         fastest_peer = max((p for p in PEERS if p in rate), key=rate.get)
+        fastest_peer_cpu = max((p for p in PEERS if p in cpu_rate), key=cpu_rate.get)
         rows[r] = {"arch": REGIMES[r][0], "F": REGIMES[r][1], "k": REGIMES[r][2], "dead": REGIMES[r][3],
                    "steps_per_s": rate, "dead_latents_last_step": dead[r], "fastest_peer": fastest_peer,
                    "vs_fastest_peer": rate["workbench"] / rate[fastest_peer],
-                   "vs_floor": med["workbench"] / med["floor"], "rounds_s": times[r]}
+                   "vs_floor": med["workbench"] / med["floor"], "rounds_s": times[r],
+                   "cpu_steps_per_s": cpu_rate, "fastest_peer_cpu": fastest_peer_cpu,
+                   "vs_fastest_peer_cpu": cpu_rate["workbench"] / cpu_rate[fastest_peer_cpu],
+                   "vs_floor_cpu": cpu["workbench"] / cpu["floor"], "rounds_cpu_s": cpu_times[r]}
     results = {"B": B, "D": D, "dtype": "float32", "threads": args.threads, "steps": args.steps,
                "warmup": args.warmup, "rounds": args.rounds, "matryoshka_fractions": FRACTIONS,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "torch": torch.__version__, "sparsify_pins": SPARSIFY_PINS, "regimes": rows}
 
-    print(f"\nB {B}, D {D}, fp32, {args.threads} thread(s) a side; steps/s, median of {args.rounds} rounds of "
-          f"{args.steps} steps")
+    print(f"\nB {B}, D {D}, fp32, {args.threads} thread(s) a side; steps/s (wall clock), median of {args.rounds} "
+          f"rounds of {args.steps} steps; the last two columns from each side's CPU time instead")
     header = ["regime", "workbench", "dictionary_learning", "SAELens", "sparsify", "floor (x @ W_enc)",
-              "vs fastest peer", "step / floor"]
+              "vs fastest peer", "step / floor", "vs fastest peer (CPU)", "step / floor (CPU)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows.values():
         rate = row["steps_per_s"]
         name = f"{'BatchTopK' if row['arch'] == 'batchtopk' else 'Matryoshka'} F {row['F']} k {row['k']}, {LABELS[row['dead']]}"
         cells = [name] + [f"{rate[s]:.2f}" if s in rate else "-" for s in ["workbench", *PEERS, "floor"]]
-        cells += [f"{row['vs_fastest_peer']:.2f}x ({row['fastest_peer']})", f"{row['vs_floor']:.2f}x"]
+        cells += [f"{row['vs_fastest_peer']:.2f}x ({row['fastest_peer']})", f"{row['vs_floor']:.2f}x",
+                  f"{row['vs_fastest_peer_cpu']:.2f}x", f"{row['vs_floor_cpu']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     out = REPO / "bench" / "results" / "train_peers_bench.json"
     out.parent.mkdir(exist_ok=True)
