@@ -310,8 +310,9 @@ def stream_both(recipe_path: str, overrides: list[str], devices: tuple[str, str]
         if devices is not None:
             visible = devices[i]
             env["CUDA_VISIBLE_DEVICES"] = visible
-            argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(len(visible.split(","))),
-                    "-m", "workbench", command, recipe_path, *overrides]
+            count = len(visible.split(","))
+            argv = [sys.executable, "-m", "accelerate.commands.launch", *(["--multi_gpu"] if count > 1 else []),
+                    "--num_processes", str(count), "-m", "workbench", command, recipe_path, *overrides]
         children[command] = subprocess.Popen(argv, env=env, start_new_session=True)
     failed = None
     try:
