@@ -40,7 +40,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from resume_bench import time_to_first_step  # noqa: E402  (the restart timing: `workbench train` to its first new step)
+from resume_bench import time_to_first_step, wait_for_checkpoint  # noqa: E402  (the kill point and the restart timing)
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WORKBENCH_PROGRESS_EVERY": "3600"}
 SHARD_TOKENS = 2 * 16 * 128  # demo-stream: 2 forward batches of 16 rows of 128 tokens
@@ -136,17 +136,7 @@ def killed_at(root: Path, steps: int, step: int) -> None:
     recipe = write_resume_recipe(root, steps)
     checkpoint = root / "saes" / "resid_post_layer_2" / "checkpoint.pt"
     collector, trainer = start("collect", recipe), start("train", recipe)
-    while trainer.poll() is None:
-        if checkpoint.is_file():
-            try:
-                at = torch.load(checkpoint, weights_only=True)["step"]
-            except Exception:  # being replaced
-                at = None
-            if at == step:
-                break
-            if at is not None and at > step:
-                raise SystemExit(f"the run passed step {step} before it could be killed there")
-        time.sleep(0.005)
+    wait_for_checkpoint(trainer, checkpoint, step)
     for proc in (trainer, collector):
         proc.kill()
         proc.wait()

@@ -62,6 +62,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def kill_at(recipe: Path, checkpoint: Path, step: int) -> None:
     """Run the training and SIGKILL it once the checkpoint of `step` is on disk."""
     proc = subprocess.Popen(command(recipe), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_checkpoint(proc, checkpoint, step)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, checkpoint: Path, step: int) -> None:
+    """Return once the training `proc` has the checkpoint of `step` on disk (polled every 5 ms)."""
     while proc.poll() is None:
         if checkpoint.is_file():
             try:
@@ -69,8 +76,6 @@ def kill_at(recipe: Path, checkpoint: Path, step: int) -> None:
             except Exception:  # being replaced
                 at = None
             if at == step:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
                 return
             if at is not None and at > step:
                 break
