@@ -30,7 +30,6 @@ import torch
 from workbench.cache import buffer
 from workbench.cache.layout import (
     CHECKSUMS,
-    STORE_NUMPY,
     Manifest,
     block_checksums,
     from_stored,
@@ -214,6 +213,11 @@ def layer_batches(spec: StreamSpec, layer: int, show: bool = False) -> Iterator[
         yield cursor.take(None)
 
 
+def _resume_windows(cursors: dict[int, _Cursor]) -> dict[int, int]:
+    """The window each layer's checkpoint would resume in, were one written now."""
+    return {layer: c.next_window() if c.needs_window else c.window for layer, c in cursors.items()}
+
+
 def stream(spec: StreamSpec, layers: list[int], starts: dict[int, int], positions: dict[int, dict | None],
            show: bool = False) -> Iterator:
     """The training stream: for each step from min(starts), (step, {layer: (x_BD, position after it)}) for
@@ -230,8 +234,7 @@ def stream(spec: StreamSpec, layers: list[int], starts: dict[int, int], position
                 continue
             need = cursor.shards(cursor.next_window()).stop
             if need > spec.holdout + spec.window_shards * min(held.values()) + spec.max_shards:
-                now = {other: cursors[other].next_window() if cursors[other].needs_window else cursors[other].window
-                       for other in layers}
+                now = _resume_windows(cursors)
                 if need > spec.holdout + spec.window_shards * min(now.values()) + spec.max_shards:
                     behind = min(now, key=now.get)
                     raise WorkbenchError(
@@ -250,12 +253,4 @@ def stream(spec: StreamSpec, layers: list[int], starts: dict[int, int], position
         batch = {layer: cursors[layer].take(spec.lanes) for layer in active}
         yield step, {layer: (x_BD, cursors[layer].position()) for layer, x_BD in batch.items()}
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps:
-            held = {layer: cursors[layer].next_window() if cursors[layer].needs_window else cursors[layer].window
-                    for layer in layers}
-
-
-def window_of(position: dict) -> int:
-    return int(position["window"])
-
-
-__all__ = ["CHECKPOINT", "STORE_NUMPY", "StreamSpec", "layer_batches", "stream", "window_of"]
+            held = _resume_windows(cursors)
