@@ -11,7 +11,9 @@ the best round of each (the machine is shared: the best round is the least distu
 round is in the JSON). SAELens: `SAELensTrainer.update` against `SAETrainer._train_step` on SAELens'
 BatchTopKTrainingSAE / MatryoshkaBatchTopKTrainingSAE at SAELens' defaults (sae-lens in its own process as
 dictionary_learning is), from the same initial weights (SAELens' init, `init_weights_`) on the same batches;
-after every round the two final states are compared (the step is bit-identical: `equal` in the JSON). HDF5-fed: the training loop's own reader (8 lanes of ActivationCache.batches, one
+after every round the two final states are compared (the step is bit-identical: `equal` in the JSON). The
+sparse SAELens step (train.saelens.exact false) runs beside them from the same state; its largest difference
+from sae-lens' final state is `sparse_max_abs_diff`. HDF5-fed: the training loop's own reader (8 lanes of ActivationCache.batches, one
 prefetch thread) on a synthetic float32 cache in the page cache, against the same number of steps on
 batches already in memory. The selection's exactness is checked on every timed batch: the kept index
 set equals torch.topk's over the flattened [B, F] pre-activations.
@@ -39,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from workbench.cache import prefetch  # noqa: E402
-from workbench.config import TrainConfig  # noqa: E402
+from workbench.config import SAELensTrainConfig, TrainConfig  # noqa: E402
 from workbench.sae import batch_topk_select  # noqa: E402
 from workbench.sae.registry import ARCHITECTURES, BATCHTOPK, Architecture  # noqa: E402
 from workbench.training import Trainer  # noqa: E402
@@ -141,17 +143,19 @@ def time_reference(arch: Architecture, batches: torch.Tensor, threads: int, work
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def new_saelens_trainer(arch: Architecture) -> SAELensTrainer:
-    """SAELens' initial weights (init_weights_ from seed 0) at its default settings."""
+def new_saelens_trainer(arch: Architecture, exact: bool = True) -> SAELensTrainer:
+    """SAELens' initial weights (init_weights_ from seed 0) at its default settings; `exact` false: the sparse
+    products (train.saelens.exact false)."""
     sae = new_sae(arch)
     torch.manual_seed(0)
     init_weights_(sae)
-    return SAELensTrainer(sae, 10_000)
+    return SAELensTrainer(sae, 10_000, SAELensTrainConfig(exact=exact))
 
 
-def time_saelens_workbench(arch: Architecture, batches: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+def time_saelens_workbench(arch: Architecture, batches: torch.Tensor, exact: bool = True
+                           ) -> tuple[float, dict[str, torch.Tensor]]:
     """Seconds for the steps after WARMUP of SAELensTrainer.update, and its final training state."""
-    trainer = new_saelens_trainer(arch)
+    trainer = new_saelens_trainer(arch, exact)
     for x_BD in batches[:WARMUP]:
         trainer.update(x_BD)
     start = time.perf_counter()
@@ -226,17 +230,24 @@ def main() -> None:
                                   "speedup": min(ref) / min(ours),
                                   "median_speedup": statistics.median(ref) / statistics.median(ours),
                                   "rounds_s": {"dictionary_learning": ref, "workbench": ours}}
-            ours, ref, equal = [], [], []
+            ours, sparse, ref, equal, sparse_diff = [], [], [], [], []
             for _ in range(args.rounds):
                 ref_s, ref_state = time_saelens_reference(arch, batches, args.threads, workdir)
                 ours_s, our_state = time_saelens_workbench(arch, batches)
+                sparse_s, sparse_state = time_saelens_workbench(arch, batches, exact=False)
                 ref.append(ref_s)
                 ours.append(ours_s)
+                sparse.append(sparse_s)
                 equal.append(all(torch.equal(our_state[name], ref_state[name]) for name in ref_state))
+                sparse_diff.append(max(float((sparse_state[name].double() - ref_state[name].double()).abs().max())
+                                       for name in ref_state))
             results[f"saelens_{arch.name}"] = {
                 "saelens_tok_s": tokens / min(ref), "workbench_tok_s": tokens / min(ours), "speedup": min(ref) / min(ours),
                 "median_speedup": statistics.median(ref) / statistics.median(ours), "equal": all(equal),
-                "rounds_s": {"saelens": ref, "workbench": ours}}
+                "sparse_tok_s": tokens / min(sparse), "sparse_speedup": min(ref) / min(sparse),
+                "sparse_median_speedup": statistics.median(ref) / statistics.median(sparse),
+                "sparse_max_abs_diff": max(sparse_diff),
+                "rounds_s": {"saelens": ref, "workbench": ours, "workbench_sparse": sparse}}
         equal, checked = selection_is_exact(batches)
         results["selection_equal_to_topk"] = f"{equal}/{checked}"
         feeds = [hdf5_vs_memory(args.steps, workdir / f"feed{i}") for i in range(args.rounds)]
@@ -255,14 +266,19 @@ def main() -> None:
             print(f"{arch + ' ' + name:<34}{speed:>12,.0f}{B / speed * 1000:>10.1f}{ratio:>9}")
     for arch in ARCHITECTURES:
         r = results[f"saelens_{arch}"]
-        for name, key in (("sae-lens _train_step", "saelens_tok_s"), ("workbench SAELensTrainer", "workbench_tok_s")):
+        for name, key, ratio_key in (("sae-lens _train_step", "saelens_tok_s", None),
+                                     ("workbench SAELensTrainer", "workbench_tok_s", "speedup"),
+                                     ("workbench, exact false", "sparse_tok_s", "sparse_speedup")):
             speed = r[key]
-            ratio = f"{r['speedup']:.2f}x" if key == "workbench_tok_s" else ""
+            ratio = f"{r[ratio_key]:.2f}x" if ratio_key else ""
             print(f"{arch + ' ' + name:<34}{speed:>12,.0f}{B / speed * 1000:>10.1f}{ratio:>9}")
     saelens_medians = ", ".join(f"{results[f'saelens_{arch}']['median_speedup']:.2f}x" for arch in ARCHITECTURES)
+    sparse_medians = ", ".join(f"{results[f'saelens_{arch}']['sparse_median_speedup']:.2f}x" for arch in ARCHITECTURES)
     same = all(results[f"saelens_{arch}"]["equal"] for arch in ARCHITECTURES)
-    print(f"SAELens algorithm: speedup, median of rounds: {saelens_medians}; final weights equal to sae-lens' "
-          f"in every round: {'yes' if same else 'NO'}")
+    sparse_diff = max(results[f"saelens_{arch}"]["sparse_max_abs_diff"] for arch in ARCHITECTURES)
+    print(f"SAELens algorithm: speedup, median of rounds: {saelens_medians} exact, {sparse_medians} exact false; "
+          f"final weights equal to sae-lens' in every round: {'yes' if same else 'NO'} (exact), "
+          f"max |difference| {sparse_diff:.1e} (exact false, after {args.steps + WARMUP} steps)")
     h = results["hdf5_vs_memory"]
     medians = ", ".join(f"{results[arch]['median_speedup']:.2f}x" for arch in ARCHITECTURES)
     print(f"{BATCHTOPK.name + ' HDF5-fed (8 lanes)':<34}{h['hdf5_tok_s']:>12,.0f}{B / h['hdf5_tok_s'] * 1000:>10.1f}")

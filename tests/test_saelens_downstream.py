@@ -150,3 +150,26 @@ def test_two_processes_train_the_saelens_saes_of_one(run, cache, tmp_path):
         assert [r["dead"] for r in ones] == [r["dead"] for r in twos] and [r["l0"] for r in ones] == [r["l0"] for r in twos]
         assert max(r["dead"] for r in ones) > 0  # the aux loss ran: dead latents counted over the global batch
         assert [r["threshold"] for r in ones] == pytest.approx([r["threshold"] for r in twos], rel=1e-5)
+
+
+def test_sparse_steps_train_in_two_processes_as_in_one_and_as_well_as_the_exact_steps(run, cache, tmp_path):
+    """train.saelens.exact false through the loop: 2 processes end where 1 does (the global batch top-k,
+    threshold and counters), and the SAEs reconstruct the held-out tokens as well as the exact steps' SAEs do
+    (tests/test_saelens_sparse_step.py proves each sparse step equal to the exact one)."""
+    sparse = {**SAELENS, "exact": False}
+    train(load_recipe(write_recipe(tmp_path / "one.yaml", cache, tmp_path / "one", saelens=sparse)))
+    launch, env = accelerate_two_cpu_processes(tmp_path)
+    two = subprocess.run([*launch, "train", str(write_recipe(tmp_path / "two.yaml", cache, tmp_path / "two", saelens=sparse))],
+                         cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for sae in SAES:
+        dirs = {side: tmp_path / side / f"resid_post_layer_{LAYER}" / sae["name"] for side in ("one", "two")}
+        a, b = (torch.load(d / dl.AE_FILE, weights_only=True) for d in dirs.values())
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+        ones, twos = (read_metrics(d / "metrics.jsonl") for d in dirs.values())
+        assert [r["dead"] for r in ones] == [r["dead"] for r in twos] and max(r["dead"] for r in ones) > 0
+        exact = json.loads((folder(run, sae["name"]) / "eval_results.json").read_text())
+        ours = json.loads((dirs["one"] / "eval_results.json").read_text())
+        assert ours["frac_variance_explained"] == pytest.approx(exact["frac_variance_explained"], abs=0.01)
+        assert ours["frac_variance_explained"] > 0.5

@@ -120,6 +120,10 @@ class SAELensTrainConfig:
     use_matryoshka_aux_loss: bool = False  # Matryoshka: dead latents reconstruct their own level's residual
     normalize_activations: str = "none"  # none | expected_average_only_in (x * sqrt(d_in) / mean ||x||)
     n_batches_for_norm_estimate: int = 1000  # training batches averaged for expected_average_only_in
+    # The workbench's, not SAELens': true, SAELens' own dense products, the same weights as sae-lens bit for bit;
+    # false, the same math with sparse products over the kept entries (faster; the weights agree to float rounding
+    # until a near-tie at a top-k cut goes the other way, after which the runs part as two seeds would)
+    exact: bool = True
 
 
 @dataclass
@@ -165,6 +169,8 @@ def train_identity(t: TrainConfig) -> dict:
             del entry["algorithm"]
     if t.algorithm == TRAIN_ALGORITHMS[0] and all(sae_algorithm(t, sae) == t.algorithm for sae in t.saes):
         del data["algorithm"], data["saelens"]
+    elif t.saelens.exact:  # the default, from before the key existed
+        del data["saelens"]["exact"]
     return data
 
 

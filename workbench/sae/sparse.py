@@ -357,7 +357,7 @@ class _EncodeKept(torch.autograd.Function):
     def backward(ctx, g_N):
         x_BD, b_dec_D, W_enc_DF = ctx.saved_tensors
         kept: Kept = ctx.kept
-        # Kept entries are positive, so relu passes the gradient unchanged.
+        # Kept entries are positive, so relu passes the gradient unchanged (or there is no relu).
         g_b_enc_F = torch.zeros(kept.shape[1], dtype=g_N.dtype, device=g_N.device).index_add_(0, kept.cols, g_N)
         g_W_enc_FD = kept.col_sums(g_N, x_BD - b_dec_D)
         g_b_dec_D = -(W_enc_DF @ g_b_enc_F)
@@ -388,6 +388,13 @@ class _DecodeKept(torch.autograd.Function):
 def encode_kept(sae: SAE, x_BD: torch.Tensor, vals_N: torch.Tensor, kept: Kept) -> torch.Tensor:
     """The kept latents' values [N] (equal to vals_N), with gradients to W_enc, b_enc and b_dec."""
     return _EncodeKept.apply(vals_N, x_BD, sae.b_dec, sae.W_enc_DF, sae.b_enc_F, kept)
+
+
+def encode_kept_with(vals_N: torch.Tensor, x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DF: torch.Tensor,
+                     b_enc_F: torch.Tensor, kept: Kept) -> torch.Tensor:
+    """`encode_kept` on given weights: vals_N [N] as the kept entries of (x - b_dec) @ W_enc + b_enc, with
+    their gradients to those three (no relu between: the entries may be negative)."""
+    return _EncodeKept.apply(vals_N, x_BD, b_dec_D, W_enc_DF, b_enc_F, kept)
 
 
 def decode_kept(f_N: torch.Tensor, W_dec_FD: torch.Tensor, kept: Kept) -> torch.Tensor:

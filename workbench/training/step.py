@@ -106,6 +106,11 @@ class _PrefixSums(torch.autograd.Function):
         return running_BD.float().sum(dim=0), g_parts_BGD
 
 
+def prefix_sums(b_dec_D: torch.Tensor, parts_BGD: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The G cumulative reconstructions [B, D] of a grouped code's parts [B, G, D], from b_dec (`_PrefixSums`)."""
+    return _PrefixSums.apply(b_dec_D, parts_BGD)
+
+
 def _row_chunks(*tensors_FD: torch.Tensor) -> zip:
     """The [F, D] tensors split into the same blocks of rows, 1 MiB of float32 a block on CPU: the
     decoder-norm projection is row by row, and a block's rows stay in the cache from one of its
@@ -270,7 +275,7 @@ class Trainer:
         # Reconstruction from groups 0..i for every i: b_dec plus the cumulative sum of the groups' parts.
         (B, D), G = x_BD.shape, len(self.group_weights)
         parts_BGD = decode_kept(f_N, sae.W_dec_FD, kept.by_group(sae.group_bounds)).view(B, G, D)
-        prefixes = _PrefixSums.apply(sae.b_dec, parts_BGD)
+        prefixes = prefix_sums(sae.b_dec, parts_BGD)
         losses_G = torch.stack([(x_BD - r_BD).pow(2).sum(dim=-1).mean() for r_BD in prefixes])
         weights_G = torch.tensor(self.group_weights, dtype=losses_G.dtype, device=losses_G.device)
         return prefixes[-1], (losses_G * weights_G).mean()
