@@ -1,7 +1,9 @@
 """Training step against every peer, side by side in one run: the workbench's Trainer.update,
 dictionary_learning 0.1.0's update, sae-lens 6.54.12's SAETrainer._train_step and sparsify's TopK step
 (PyPI eai-sparsify, per-token top-k: the closest peer step; no Matryoshka), with the floor: the encoder
-product (x - b_dec) @ W_enc alone at the same shapes.
+product (x - b_dec) @ W_enc alone at the same shapes. The workbench's SAELens-algorithm step
+(SAELensTrainer with train.saelens.exact false, at the SAELens side's settings) runs beside them, against
+SAELens' own step and the floor (the last five columns).
 
     .venv/bin/python bench/train_peers_bench.py [--steps 20] [--warmup 5] [--rounds 3] [--threads 1]
                                                 [--regimes btk-4096,...] [--sparsify-venv DIR]
@@ -54,7 +56,7 @@ REGIMES = {  # name: (architecture, F, k, dead)
     "mat-4096-deadall": ("matryoshka", 4096, 32, "all"),
 }
 LABELS = {"none": "no dead latents", "10": "10% of latents dead", "all": "every latent dead"}
-SIDES = ["floor", "workbench", "dictionary_learning", "saelens", "sparsify"]
+SIDES = ["floor", "workbench", "dictionary_learning", "saelens", "sparsify", "workbench_saelens"]
 PEERS = ["dictionary_learning", "saelens", "sparsify"]
 SPARSIFY_PINS = ["torch==2.13.0", "eai-sparsify==1.3.3"]  # the CPU wheel of torch: no CUDA libraries
 
@@ -172,7 +174,12 @@ def main() -> None:
                    "vs_floor": med["workbench"] / med["floor"], "rounds_s": times[r],
                    "cpu_steps_per_s": cpu_rate, "fastest_peer_cpu": fastest_peer_cpu,
                    "vs_fastest_peer_cpu": cpu_rate["workbench"] / cpu_rate[fastest_peer_cpu],
-                   "vs_floor_cpu": cpu["workbench"] / cpu["floor"], "rounds_cpu_s": cpu_times[r]}
+                   "vs_floor_cpu": cpu["workbench"] / cpu["floor"], "rounds_cpu_s": cpu_times[r],
+                   # the SAELens-algorithm step (train.saelens.exact false) against SAELens' own and the floor
+                   "saelens_algorithm_vs_saelens": rate["workbench_saelens"] / rate["saelens"],
+                   "saelens_algorithm_vs_floor": med["workbench_saelens"] / med["floor"],
+                   "saelens_algorithm_vs_saelens_cpu": cpu_rate["workbench_saelens"] / cpu_rate["saelens"],
+                   "saelens_algorithm_vs_floor_cpu": cpu["workbench_saelens"] / cpu["floor"]}
     results = {"B": B, "D": D, "dtype": "float32", "threads": args.threads, "steps": args.steps,
                "warmup": args.warmup, "rounds": args.rounds, "matryoshka_fractions": FRACTIONS,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -181,7 +188,9 @@ def main() -> None:
     print(f"\nB {B}, D {D}, fp32, {args.threads} thread(s) a side; steps/s (wall clock), median of {args.rounds} "
           f"rounds of {args.steps} steps; the last two columns from each side's CPU time instead")
     header = ["regime", "workbench", "dictionary_learning", "SAELens", "sparsify", "floor (x @ W_enc)",
-              "vs fastest peer", "step / floor", "vs fastest peer (CPU)", "step / floor (CPU)"]
+              "vs fastest peer", "step / floor", "vs fastest peer (CPU)", "step / floor (CPU)",
+              "workbench, SAELens' algorithm", "it vs SAELens", "its step / floor", "vs SAELens (CPU)",
+              "step / floor (CPU)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows.values():
@@ -189,7 +198,9 @@ def main() -> None:
         name = f"{'BatchTopK' if row['arch'] == 'batchtopk' else 'Matryoshka'} F {row['F']} k {row['k']}, {LABELS[row['dead']]}"
         cells = [name] + [f"{rate[s]:.2f}" if s in rate else "-" for s in ["workbench", *PEERS, "floor"]]
         cells += [f"{row['vs_fastest_peer']:.2f}x ({row['fastest_peer']})", f"{row['vs_floor']:.2f}x",
-                  f"{row['vs_fastest_peer_cpu']:.2f}x", f"{row['vs_floor_cpu']:.2f}x"]
+                  f"{row['vs_fastest_peer_cpu']:.2f}x", f"{row['vs_floor_cpu']:.2f}x", f"{rate['workbench_saelens']:.2f}",
+                  f"{row['saelens_algorithm_vs_saelens']:.2f}x", f"{row['saelens_algorithm_vs_floor']:.2f}x",
+                  f"{row['saelens_algorithm_vs_saelens_cpu']:.2f}x", f"{row['saelens_algorithm_vs_floor_cpu']:.2f}x"]
         print("| " + " | ".join(cells) + " |")
     out = REPO / "bench" / "results" / "train_peers_bench.json"
     out.parent.mkdir(exist_ok=True)

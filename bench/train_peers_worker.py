@@ -2,7 +2,7 @@
 times that many training steps of its library on the regime's spec file, answers one JSON line.
 
     python bench/train_peers_worker.py SIDE THREADS     SIDE: workbench | floor | dictionary_learning |
-                                                          saelens | sparsify
+                                                          saelens | sparsify | workbench_saelens
 
 A request: {"spec": path, "warmup": n, "steps": n}. The spec (torch.save, written by the driver) holds
 the sizes, the initial weights in the workbench's state-dict layout (dictionary_learning's), the batches
@@ -135,6 +135,34 @@ def saelens(spec: dict):
     return step
 
 
+def workbench_saelens(spec: dict):
+    """The workbench's SAELens-algorithm step (SAELensTrainer, train.saelens.exact false) at the saelens side's
+    settings, from the same weights in SAELens' layout, with the same dead-latent regime."""
+    sys.path.insert(0, spec["repo"])
+    from workbench.config import SAELensTrainConfig
+    from workbench.sae import BatchTopKSAE, MatryoshkaBatchTopKSAE
+    from workbench.training.saelens_step import SAELensTrainer
+
+    D, F, k = spec["D"], spec["F"], spec["k"]
+    sae = (MatryoshkaBatchTopKSAE(D, F, k, group_sizes(F, spec["fractions"])) if spec["grouped"]
+           else BatchTopKSAE(D, F, k))
+    sae.load_state_dict(spec["state"])
+    settings = SAELensTrainConfig(lr=2e-4, lr_end=2e-4, aux_loss_coefficient=1 / 32, dead_feature_window=1000,
+                                  exact=False)
+    trainer = SAELensTrainer(sae, 10**6, settings)
+    dead_idx = spec["dead_idx"]
+
+    def step(x_BD):
+        if spec["dead"] == "10":
+            trainer.n_forward_passes_since_fired[dead_idx] = BIG
+        elif spec["dead"] == "all":
+            trainer.n_forward_passes_since_fired[:] = BIG
+        dead = int(trainer.dead_mask().sum())
+        trainer.update(x_BD)
+        return dead
+    return step
+
+
 def sparsify(spec: dict):
     """sparsify's Trainer.fit step for one TopK SparseCoder (per-token top-k), without its data loading:
     unit-norm decoder, the dead mask from the counters, fvu + auxk_alpha * auxk, the gradient projection,
@@ -174,7 +202,7 @@ def sparsify(spec: dict):
 
 
 SIDES = {"workbench": workbench, "floor": floor, "dictionary_learning": dictionary_learning, "saelens": saelens,
-         "sparsify": sparsify}
+         "sparsify": sparsify, "workbench_saelens": workbench_saelens}
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import test_saelens_trainer_parity as parity  # noqa: E402
 
 from workbench.config import SAELensTrainConfig  # noqa: E402
-from workbench.training.saelens_step import SAELensTrainer, scaling_factor  # noqa: E402
+from workbench.training.saelens_step import SAELensTrainer, dead_picks, scaling_factor  # noqa: E402
 
 
 def trainers(name: str, steps: int) -> tuple[SAELensTrainer, SAELensTrainer, float]:
@@ -94,3 +94,20 @@ def test_a_sparse_run_trains_as_well_as_the_exact_one(name):
     assert mse["sparse"] == pytest.approx(mse["exact"], rel=0.02)
     assert mse["exact"] < 0.5 * logs["exact"][0]["mse"]  # both learned
     assert abs(logs["sparse"][-1]["dead"] - logs["exact"][-1]["dead"]) <= 0.1 * parity.F
+
+
+@pytest.mark.parametrize("dead", ["all", "half", "tenth"])
+@pytest.mark.parametrize("shift", [0.0, -2.5])  # -2.5: most rows have fewer than k positive dead values
+def test_dead_picks_overwriting_is_the_topk_over_the_dead_columns(dead, shift):
+    """The aux rule's picks with `overwrite` (auxk_select, then the top-k where a row has too few positive
+    values) are exactly SAELens' `hidden_pre[:, dead].topk(k)` entries, negative ones included."""
+    g = torch.Generator().manual_seed(1)
+    B, F, k = 256, 2048, 16
+    hidden_BF = torch.randn(B, F, generator=g) + shift
+    dead_M = {"all": torch.arange(F), "half": torch.arange(0, F, 2), "tenth": torch.arange(0, F, 10)}[dead]
+    top = hidden_BF[:, dead_M].topk(k, dim=1)
+    expected = {(b, int(dead_M[j])) for b in range(B) for j in top.indices[b].tolist()}
+    picks, vals_N = dead_picks(hidden_BF.clone(), dead_M, k, overwrite=True)
+    assert set(zip(picks.rows.tolist(), picks.cols.tolist(), strict=True)) == expected
+    assert torch.equal(vals_N, hidden_BF[picks.rows, picks.cols])
+    assert torch.equal(picks.rows * F + picks.cols, (picks.rows * F + picks.cols).sort().values)  # row-major

@@ -50,7 +50,7 @@ from torch.optim import lr_scheduler
 
 from workbench.config import SAELensTrainConfig
 from workbench.dist import Comm
-from workbench.sae import SAE, Kept, batch_topk_select, decode_kept
+from workbench.sae import SAE, Kept, auxk_select, batch_topk_select, decode_kept
 from workbench.sae.registry import architecture_of
 from workbench.sae.sparse import encode_kept_with
 from workbench.training.step import prefix_sums
@@ -367,7 +367,8 @@ class SAELensTrainer:
         if dead_M.numel() == 0:
             return x_hat_BD.new_zeros(())
         k_aux = x_BD.shape[-1] // 2
-        l2 = self._dead_l2(x_BD, (x_BD - x_hat_BD).detach(), hidden_BF, inv_norm_F, dead_M, min(k_aux, dead_M.numel()))
+        l2 = self._dead_l2(x_BD, (x_BD - x_hat_BD).detach(), hidden_BF, inv_norm_F, dead_M, min(k_aux, dead_M.numel()),
+                           last=True)
         return self.settings.aux_loss_coefficient * min(dead_M.numel() / k_aux, 1.0) * l2
 
     def _sparse_matryoshka_aux_loss(self, x_BD, levels, hidden_BF, inv_norm_F, dead_F) -> torch.Tensor:
@@ -380,14 +381,15 @@ class SAELensTrainer:
             dead_M = torch.nonzero(dead_F[start:width]).squeeze(1) + start
             if dead_M.numel():
                 l2 = self._dead_l2(x_BD, (x_BD - level_BD).detach(), hidden_BF, inv_norm_F, dead_M,
-                                   min(k_aux, dead_M.numel()))
+                                   min(k_aux, dead_M.numel()), last=width == self.widths[-1])
                 losses.append(min(dead_M.numel() / k_aux, 1.0) * l2)
         return self.settings.aux_loss_coefficient * torch.stack(losses).sum()
 
-    def _dead_l2(self, x_BD, residual_BD, hidden_BF, inv_norm_F, dead_M, k: int) -> torch.Tensor:
+    def _dead_l2(self, x_BD, residual_BD, hidden_BF, inv_norm_F, dead_M, k: int, last: bool = False) -> torch.Tensor:
         """||residual - the reconstruction from each token's k largest hidden_pre among dead_M||^2, mean over
-        the batch: the dead latents' codes, negative ones too, decoded without b_dec."""
-        picks, vals_N = dead_picks(hidden_BF, dead_M, k)
+        the batch: the dead latents' codes, negative ones too, decoded without b_dec. `last`: hidden_BF is not
+        read again (the selection may overwrite it)."""
+        picks, vals_N = dead_picks(hidden_BF, dead_M, k, overwrite=last)
         recon_BD = decode_kept(self._encode(x_BD, picks, vals_N, inv_norm_F), self.params["W_dec"], picks)
         return (recon_BD - residual_BD).pow(2).sum(dim=-1).mean()
 
@@ -504,10 +506,20 @@ def _mse(x_hat_BD: torch.Tensor, x_BD: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dead_picks(hidden_BF: torch.Tensor, dead_M: torch.Tensor, k: int) -> tuple[Kept, torch.Tensor]:
+def dead_picks(hidden_BF: torch.Tensor, dead_M: torch.Tensor, k: int, overwrite: bool = False) -> tuple[Kept, torch.Tensor]:
     """Each token's k largest hidden_pre among the dead latents dead_M (sorted indices), negative ones too (SAELens'
-    aux rule has no relu): (the picks, row-major, their values)."""
+    aux rule has no relu): (the picks, row-major, their values).
+
+    With `overwrite` (hidden_BF is not read again) and at least half the latents dead, the picks come from
+    `auxk_select`, the positive-only rule found without a top-k over every dead column: where it keeps k entries
+    in every row, each row's k largest are positive and the two rules pick the same entries. Otherwise (a row
+    with fewer than k positive values, or fewer dead latents), the top-k over the dead columns (auxk_select
+    leaves the dead columns' values as they are)."""
     B, F = hidden_BF.shape
+    if overwrite and 2 * dead_M.numel() >= F:  # with fewer dead, the top-k over their gathered columns is faster
+        picks, vals_N = auxk_select(hidden_BF, dead_M, k)
+        if len(picks) == B * k:
+            return picks, vals_N
     sub_BM = hidden_BF if dead_M.numel() == F else hidden_BF.index_select(1, dead_M)
     top = sub_BM.topk(k, dim=1, sorted=False)
     picks_BK, order_BK = top.indices.sort(dim=1)
