@@ -167,8 +167,10 @@ for key, value in meta.items():
 sae.fold_activation_norm_scaling_factor(spec["scaling_factor"])
 sae.save_inference_model(sys.argv[2])
 """
+# What SAELens' runner (_set_sae_metadata) and trainer (set_final_sae_metadata) put in the metadata before the save
 RUNNER_METADATA = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos", "dataset_path",
-                   "model_from_pretrained_kwargs")
+                   "model_from_pretrained_kwargs", "model_class_name", "seqpos_slice", "exclude_special_tokens", "l0",
+                   "num_dead_features")
 
 
 @pytest.mark.parametrize("name", [cfg["name"] for cfg in SAES])
@@ -194,6 +196,9 @@ def test_the_saelens_cfg_json_is_the_one_saelens_writes_from_the_same_training_c
     assert theirs_meta["training_architecture"] == ("matryoshka_batchtopk" if name == "mat" else "batchtopk")
     assert theirs_meta["training_architecture_details"]["topk_threshold_lr"] == 0.01
     assert theirs["normalize_activations"] == "none"  # fit() folded expected_average_only_in
+    evals = json.loads((trained / name / "eval_results.json").read_text())
+    assert (ours_meta["l0"], ours_meta["num_dead_features"]) == (evals["l0_batch_topk"], evals["dead_latents_training"])
+    assert ours_meta["seqpos_slice"] == ([1, None] if section["drop_first_token"] else [None])
 
 
 def test_the_dictionary_learning_export_gives_saelens_outputs(trained, cache, tmp_path):

@@ -125,6 +125,13 @@ def _cfg_jumprelu(weights: SAEWeights, cfg: dict, meta: dict) -> None:
     if weights.info.saelens_cfg is None and provenance is not None and provenance.algorithm == "saelens":
         details = training_details(weights.k, widths, provenance.saelens or {})
         meta["sae_lens_training_version"] = SAELENS_VERSION
+        # What SAELens' trainer records at the end (set_final_sae_metadata): the training's mean L0 (here the batch
+        # top-k's on held-out tokens, eval_results' l0_batch_topk) and the latents dead at the last step
+        evals = weights.info.eval_results or {}
+        if evals.get("l0_batch_topk") is not None:
+            meta["l0"] = evals["l0_batch_topk"]
+        if evals.get("dead_latents_training") is not None:
+            meta["num_dead_features"] = evals["dead_latents_training"]
     meta.setdefault("training_architecture", holding(weights.group_sizes).saelens_architecture)
     meta["training_architecture_details"] = details
 
@@ -328,13 +335,17 @@ def _cfg_for(weights: SAEWeights, arch: str) -> dict:
         cfg = json.loads(json.dumps(original))
     else:
         hook = info.hook_name or (hook_name(info.layer) if info.layer is not None else None)
+        # SAELens' runner also records how its activations were made: seqpos_slice (1, None) is the workbench's
+        # drop_first_token (the first position of every row left out), (None,) keeps every position
+        drop_first = info.provenance is not None and info.provenance.drop_first_token
         cfg = {"d_in": None, "d_sae": None, "dtype": None, "device": "cpu", "apply_b_dec_to_input": True,
                "normalize_activations": "none", "reshape_activations": "none",
                "metadata": {"sae_lens_version": SAELENS_VERSION, "sae_lens_training_version": None,
                             "model_name": info.model_name, "hook_name": hook, "hook_head_index": None,
                             "prepend_bos": True if info.prepend_bos is None else info.prepend_bos,
                             "context_size": info.context_size, "dataset_path": info.dataset_path,
-                            "model_from_pretrained_kwargs": {}},
+                            "model_from_pretrained_kwargs": {}, "model_class_name": "HookedTransformer",
+                            "seqpos_slice": [1, None] if drop_first else [None], "exclude_special_tokens": False},
                "architecture": arch}
     cfg.update(d_in=weights.activation_dim, d_sae=weights.dict_size, dtype=str(weights.dtype).removeprefix("torch."),
                apply_b_dec_to_input=weights.apply_b_dec_to_input)
