@@ -111,3 +111,26 @@ def test_dead_picks_overwriting_is_the_topk_over_the_dead_columns(dead, shift):
     assert set(zip(picks.rows.tolist(), picks.cols.tolist(), strict=True)) == expected
     assert torch.equal(vals_N, hidden_BF[picks.rows, picks.cols])
     assert torch.equal(picks.rows * F + picks.cols, (picks.rows * F + picks.cols).sort().values)  # row-major
+
+
+def test_a_sparse_run_resumed_from_its_state_dict_is_the_uninterrupted_run(tmp_path):
+    """The checkpoint contract (what the loop saves and a kill -9 resumes from) holds for the sparse form too:
+    stopped after 100 steps (past the warmup), saved, loaded into a fresh trainer and continued into the decay,
+    it ends bit for bit where the uninterrupted run does."""
+    steps = 200
+    data = parity.batches(steps)[parity.NORM_BATCHES:]
+    with torch_threads(1):
+        _, whole, _ = trainers("matryoshka", steps)
+        for x_BD in data:
+            whole.update(x_BD)
+        _, first, _ = trainers("matryoshka", steps)
+        for x_BD in data[:100]:
+            first.update(x_BD)
+        torch.save(first.state_dict(), tmp_path / "checkpoint.pt")
+        _, resumed, _ = trainers("matryoshka", steps)
+        resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+        for x_BD in data[100:]:
+            resumed.update(x_BD)
+    a, b = resumed.training_state(), whole.training_state()
+    assert all(torch.equal(a[key], b[key]) for key in b)
+    assert torch.equal(resumed.n_forward_passes_since_fired, whole.n_forward_passes_since_fired)

@@ -140,7 +140,10 @@ class SAELensTrainer:
         self.params = {name: torch.nn.Parameter(value.detach().contiguous().clone()) for name, value in
                        (("b_dec", sae.b_dec), ("W_dec", sae.W_dec_FD), ("W_enc", sae.W_enc_DF), ("b_enc", sae.b_enc_F))}
         device = sae.b_dec.device
-        self.optimizer = torch.optim.Adam(self.params.values(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2))
+        # SAELens' Adam (the foreach kernels) for the exact form; the sparse form, equal only to float rounding
+        # anyway, takes the fused kernel (a fifth of the time on CPU, measured)
+        fused = not s.exact and device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=s.lr, betas=(s.adam_beta1, s.adam_beta2), fused=fused)
         self.scheduler = make_lr_scheduler(self.optimizer, s.lr_scheduler_name, lr=s.lr, warm_up_steps=s.lr_warm_up_steps,
                                            decay_steps=s.lr_decay_steps, training_steps=steps,
                                            lr_end=s.lr / 10 if s.lr_end is None else s.lr_end,
