@@ -59,6 +59,15 @@ def workbench(spec: dict):
     return step
 
 
+def mark_dead_steps(since_fired_F: torch.Tensor, spec: dict) -> None:
+    """SAELens' counters (steps since a latent fired) past its dead window for the regime's dead latents, before
+    a step (its dead mask is taken before the forward pass)."""
+    if spec["dead"] == "10":
+        since_fired_F[spec["dead_idx"]] = BIG
+    elif spec["dead"] == "all":
+        since_fired_F[:] = BIG
+
+
 def floor(spec: dict):
     state = spec["state"]
     W_enc_DF = (state["W_enc"] if spec["grouped"] else state["encoder.weight"].T).contiguous()
@@ -121,13 +130,9 @@ def saelens(spec: dict):
     B = spec["batches"].shape[1]
     trainer = SAETrainer(SAETrainerConfig(total_training_samples=10**9, train_batch_size_samples=B, lr=2e-4, lr_end=2e-4,
                                           dead_feature_window=1000), sae, data_provider=iter(()))
-    dead_idx = spec["dead_idx"]
 
     def step(x_BD):
-        if spec["dead"] == "10":
-            trainer.n_forward_passes_since_fired[dead_idx] = BIG
-        elif spec["dead"] == "all":
-            trainer.n_forward_passes_since_fired[:] = BIG
+        mark_dead_steps(trainer.n_forward_passes_since_fired, spec)
         dead = int(trainer.dead_neurons.sum())
         trainer._train_step(sae, x_BD)
         trainer.n_training_steps += 1
@@ -150,13 +155,9 @@ def workbench_saelens(spec: dict):
     settings = SAELensTrainConfig(lr=2e-4, lr_end=2e-4, aux_loss_coefficient=1 / 32, dead_feature_window=1000,
                                   exact=False)
     trainer = SAELensTrainer(sae, 10**6, settings)
-    dead_idx = spec["dead_idx"]
 
     def step(x_BD):
-        if spec["dead"] == "10":
-            trainer.n_forward_passes_since_fired[dead_idx] = BIG
-        elif spec["dead"] == "all":
-            trainer.n_forward_passes_since_fired[:] = BIG
+        mark_dead_steps(trainer.n_forward_passes_since_fired, spec)
         dead = int(trainer.dead_mask().sum())
         trainer.update(x_BD)
         return dead
