@@ -387,7 +387,7 @@ class _DecodeKept(torch.autograd.Function):
 
 def encode_kept(sae: SAE, x_BD: torch.Tensor, vals_N: torch.Tensor, kept: Kept) -> torch.Tensor:
     """The kept latents' values [N] (equal to vals_N), with gradients to W_enc, b_enc and b_dec."""
-    return _EncodeKept.apply(vals_N, x_BD, sae.b_dec, sae.W_enc_DF, sae.b_enc_F, kept)
+    return encode_kept_with(vals_N, x_BD, sae.b_dec, sae.W_enc_DF, sae.b_enc_F, kept)
 
 
 def encode_kept_with(vals_N: torch.Tensor, x_BD: torch.Tensor, b_dec_D: torch.Tensor, W_enc_DF: torch.Tensor,
