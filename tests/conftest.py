@@ -39,6 +39,16 @@ def one_thread() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(params=["cpu_kernels", "torch_ops"])
+def selection_path(request, monkeypatch) -> str:
+    """A selection test run on both routes a CPU tensor can take: the CPU kernels (workbench.sae.kernels)
+    and torch's operations (the route of every other device)."""
+    from workbench.sae import sparse
+
+    monkeypatch.setattr(sparse, "CPU_KERNELS", request.param == "cpu_kernels")
+    return request.param
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

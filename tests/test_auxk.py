@@ -29,8 +29,10 @@ def pre_activations(B: int, F: int, seed: int, shift: float = 0.0) -> torch.Tens
 
 
 # dead fraction 1.0: every latent (masked route, no column restriction); 0.6: masked in place; 0.1 at
-# F 16384: dead columns gathered, then the per-token cut; 0.1 at F 4096 (410 dead): the direct topk;
+# F 16384: dead columns gathered, then the per-token cut; 0.1 at F 4096 (410 dead): the direct topk
+# (the routes of torch's operations; the CPU kernel reads the dead columns of each row);
 # shift 3: most dead pre-activations negative, tokens with fewer than k positive entries.
+@pytest.mark.usefixtures("selection_path")
 @pytest.mark.parametrize("B,F,k,dead_frac,shift", [(256, 4096, 128, 1.0, 0.0), (256, 4096, 128, 0.6, 0.0),
                                                     (128, 16384, 40, 0.1, 0.0), (256, 4096, 128, 0.1, 0.0),
                                                     (256, 4096, 128, 1.0, 3.0), (64, 2048, 16, 0.5, 2.0)])
@@ -45,6 +47,7 @@ def test_selection_is_exactly_the_reference_topk_of_the_dead_columns(B, F, k, de
     assert len(kept) > 0 and bool((vals_N > 0).all())
 
 
+@pytest.mark.usefixtures("selection_path")
 @pytest.mark.parametrize("dead_frac", [1.0, 0.6, 0.1])
 def test_selection_with_the_bias_apart_is_the_reference_topk_of_the_biased_values(dead_frac):
     B, F, k = 128, 16384, 64
@@ -56,6 +59,7 @@ def test_selection_with_the_bias_apart_is_the_reference_topk_of_the_biased_value
     assert torch.equal(kept.dense(vals_N), expected_BF)
 
 
+@pytest.mark.usefixtures("selection_path")
 def test_a_tie_straddling_a_tokens_cut_is_broken_as_topk_breaks_it():
     B, F, k = 64, 4096, 64
     pre_BF = pre_activations(B, F, 3)

@@ -44,6 +44,7 @@ def _topk_set(pre_BF: torch.Tensor, n: int) -> set[int]:
     return set(top.indices[top.values > 0].tolist())
 
 
+@pytest.mark.usefixtures("selection_path")
 @pytest.mark.parametrize("B,F,k,density", [(256, 4096, 32, 1.0), (1024, 512, 8, 1.0), (64, 256, 8, 1.0),
                                            (128, 1024, 16, 0.05), (333, 777, 5, 0.5)])
 def test_selection_is_exactly_the_full_topk_index_set(B, F, k, density):
@@ -59,6 +60,7 @@ def test_selection_is_exactly_the_full_topk_index_set(B, F, k, density):
     assert torch.equal(batch_topk(pre_BF, k), kept.dense(vals_N))
 
 
+@pytest.mark.usefixtures("selection_path")
 @pytest.mark.parametrize("B,F,k", [(256, 4096, 32), (128, 1024, 16), (64, 256, 8), (100, 3000, 16)])
 def test_selection_with_the_bias_apart_is_the_topk_of_the_biased_values(B, F, k):
     g = torch.Generator().manual_seed(B * F)
@@ -79,6 +81,7 @@ def test_selection_with_the_bias_apart_is_the_topk_of_the_biased_values(B, F, k)
     assert set((kept.rows * F + kept.cols).tolist()) == _topk_set(torch.relu(pre_BF), k * B)  # the reference's input
 
 
+@pytest.mark.usefixtures("selection_path")
 def test_a_tie_straddling_the_cut_is_broken_as_topk_breaks_it():
     g = torch.Generator().manual_seed(1)
     pre_BF = torch.rand(256, 1024, generator=g)

@@ -130,8 +130,8 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
     full top-k when possible.
 
     A quantile of a strided sample gives a cut that leaves ~1.5x n candidates above it; the n-th
-    largest value is then found among the candidates only (one compare and one `nonzero` over the
-    whole of [B, F]; every other pass is over the candidates). Without the bias in pre_BF, the compare
+    largest value is then found among the candidates only (one pass over the whole of [B, F]: the CPU
+    kernel, else a compare and `nonzero`; every other pass is over the candidates). Without the bias in pre_BF, the compare
     is against cut - bias_F - margin a latent (margin: far above the rounding of the two subtractions),
     and the candidates count only if at least n of their exact values exceed the cut itself: then
     every entry left out is below the cut, hence below the n-th largest. Too few candidates, or a tie
@@ -146,10 +146,10 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
     cut = _candidate_cut(sample, n / flat.numel(), flat.numel())
     if cut is not None:
         if bias_F is None:
-            cand_idx = _sparse_nonzero(flat > cut)
+            cand_idx = _entries_above(pre_BF, pre_BF.new_full((F,), cut), n)
         else:
             margin = 1e-4 * (abs(cut) + float(bias_F.abs().max()))
-            cand_idx = _sparse_nonzero((pre_BF > (cut - margin) - bias_F).view(-1))
+            cand_idx = _entries_above(pre_BF, (cut - margin) - bias_F, n)
         if cand_idx.numel() >= n:
             cand_vals = flat.index_select(0, cand_idx)
             if bias_F is not None:
@@ -165,22 +165,54 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
     return idx, flat.index_select(0, idx)
 
 
+CPU_KERNELS = True  # the selections' CPU kernels (workbench.sae.kernels); False: torch's operations everywhere
+
+
+def _cpu_kernels(pre_BF: torch.Tensor):
+    """workbench.sae.kernels when they take pre_BF (float32, contiguous, on CPU), else None. Imported on
+    first use: numba takes a second to import, and a process that never selects on CPU does not need it."""
+    if not (CPU_KERNELS and pre_BF.device.type == "cpu" and pre_BF.dtype == torch.float32 and pre_BF.dim() == 2
+            and pre_BF.is_contiguous()):
+        return None
+    from workbench.sae import kernels
+    return kernels
+
+
+def _entries_above(pre_BF: torch.Tensor, thr_F: torch.Tensor, n: int) -> torch.Tensor:
+    """The sorted flat indices of pre_BF > thr_F (a threshold a column; 2n-3n of them expected): one pass of
+    the CPU kernel, else the compare and `nonzero`."""
+    kernels = _cpu_kernels(pre_BF)
+    if kernels is not None:
+        return kernels.entries_above(pre_BF, thr_F, 4 * n)
+    return _sparse_nonzero((pre_BF > thr_F).view(-1))
+
+
 def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
                 bias_F: torch.Tensor | None = None) -> tuple[Kept, torch.Tensor]:
     """The aux-k rule as an index set: each token's k_aux largest entries of relu(pre_BF + bias_F)
     among the dead latents (sorted indices dead_M), positive only. Returns (kept, vals_N), row-major.
 
     Exactly the reference's `relu(pre[:, dead]).topk(k_aux, dim=1)` minus its zero entries, ties at a
-    token's cut included (a tie straddling it, and topk decides that token). Computed without the
-    reference's copy of every dead column: with at least as many dead latents as live ones, pre_BF is
-    overwritten in place (by pre_BF + bias_F, the live columns by -inf); with fewer, the dead columns
-    are gathered first, which moves less memory than one pass over [B, F]. A per-token floor from block
-    maxima (`_row_floors`) leaves ~1.4x k_aux candidates a token, and at least k_aux of them: each
-    token's k_aux-th largest value is found among those only.
+    token's cut included (a tie straddling it, and topk decides that token). A per-token floor from
+    block maxima (`_row_floors`) leaves ~1.4x k_aux candidates a token, and at least k_aux of them: each
+    token's k_aux-th largest value is found among those only. On CPU the CPU kernel (`kernels.row_top`)
+    does all of it in one pass a token. Elsewhere, without the reference's copy of every dead column:
+    with at least as many dead latents as live ones, pre_BF is overwritten in place (by pre_BF + bias_F,
+    the live columns by -inf); with fewer, the dead columns are gathered first, which moves less memory
+    than one pass over [B, F].
     """
     B, F = pre_BF.shape
     M = dead_M.numel()
     k_aux = min(k_aux, M)
+    kernels = _cpu_kernels(pre_BF)
+    if kernels is not None:  # one pass a row on CPU (pre_BF is left as it is)
+        rows_N, cols_N, vals_N, tied_T = kernels.row_top(pre_BF, dead_M, k_aux, bias_F)
+        if tied_T.numel():
+            dead_TM = pre_BF.index_select(0, tied_T).index_select(1, dead_M)
+            if bias_F is not None:
+                dead_TM += bias_F.index_select(0, dead_M)
+            return _merge_reference_rows(rows_N, cols_N, vals_N, tied_T, dead_TM, dead_M, (B, F), k_aux)
+        return Kept(rows_N, cols_N, (B, F)), vals_N
     if 2 * M < F:  # fewer dead than live latents: gather them ([B, M] moves less than a [B, F] pass)
         sub_BM, col_of = pre_BF.index_select(1, dead_M), dead_M
         if bias_F is not None:
@@ -249,12 +281,22 @@ def _with_reference_rows(sub_BM: torch.Tensor, col_of: torch.Tensor | None, dead
     if col_of is not None:
         cols_N = col_of.index_select(0, cols_N)
     tied_T = torch.nonzero(tied_B).squeeze(1)
-    ref, ref_vals_N = _auxk_reference(_dead_columns(sub_BM.index_select(0, tied_T), col_of, dead_M), dead_M, F, k)
+    dead_TM = _dead_columns(sub_BM.index_select(0, tied_T), col_of, dead_M)
+    return _merge_reference_rows(rows_N, cols_N, vals_N, tied_T, dead_TM, dead_M, (tied_B.numel(), F), k)
+
+
+def _merge_reference_rows(rows_N: torch.Tensor, cols_N: torch.Tensor, vals_N: torch.Tensor, tied_T: torch.Tensor,
+                          dead_TM: torch.Tensor, dead_M: torch.Tensor, shape: tuple[int, int], k: int
+                          ) -> tuple[Kept, torch.Tensor]:
+    """The picks of the rows without a tie (rows_N, cols_N, vals_N) and the reference's picks for the rows
+    tied_T (their dead latents' values dead_TM [T, M]), merged in row-major order."""
+    F = shape[1]
+    ref, ref_vals_N = _auxk_reference(dead_TM, dead_M, F, k)
     rows_N = torch.cat([rows_N, tied_T.index_select(0, ref.rows)])
     cols_N = torch.cat([cols_N, ref.cols])
     vals_N = torch.cat([vals_N, ref_vals_N])
     order_N = torch.sort(rows_N * F + cols_N).indices
-    return Kept(rows_N[order_N], cols_N[order_N], (tied_B.numel(), F)), vals_N[order_N]
+    return Kept(rows_N[order_N], cols_N[order_N], shape), vals_N[order_N]
 
 
 def _auxk_reference(dead_BM: torch.Tensor, dead_M: torch.Tensor, F: int, k: int) -> tuple[Kept, torch.Tensor]:
