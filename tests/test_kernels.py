@@ -91,3 +91,39 @@ def test_row_top_is_the_aux_k_selection_of_torch_ops(F, k, dead_every, threads):
 def test_row_top_with_k_zero_keeps_nothing():
     rows_N, cols_N, vals_N, flagged_T = kernels.row_top(torch.randn(4, 64), torch.arange(64), 0, None)
     assert rows_N.numel() == cols_N.numel() == vals_N.numel() == flagged_T.numel() == 0
+
+
+@pytest.mark.parametrize("N", [0, 1, 5000])
+def test_by_column_is_the_stable_sort_by_column(N):
+    B, F = 300, 700
+    g = torch.Generator().manual_seed(N)
+    flat = torch.randperm(B * F, generator=g)[:N].sort().values
+    rows_N, cols_N = flat // F, flat % F
+    order, rows, crow = kernels.by_column(rows_N, cols_N, F)
+    expected = torch.sort(cols_N.to(torch.int32), stable=True).indices
+    assert torch.equal(order, expected)
+    assert torch.equal(rows, rows_N[expected])
+    assert torch.equal(crow, torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(cols_N, minlength=F).cumsum(0)]))
+
+
+@pytest.mark.parametrize("n", [1, 777, 2048])
+def test_top_n_is_the_topk_of_the_candidates(n):
+    # Negative, positive, zero, infinite values: the radix selection orders them as floats.
+    g = torch.Generator().manual_seed(n)
+    pre_BF = torch.randn(64, 64, generator=g) * 10.0 ** torch.randint(-3, 4, (64, 64), generator=g)
+    pre_BF[0, :4] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
+    bias_F = torch.randn(64, generator=g)
+    cand_N = torch.arange(0, 64 * 64, 2)
+    vals_N = pre_BF.view(-1)[cand_N] + bias_F[cand_N % 64]
+    idx, vals = kernels.top_n(pre_BF, bias_F, cand_N, n, -float("inf"))
+    top = vals_N.topk(n)
+    assert torch.equal(idx, cand_N[top.indices].sort().values)
+    assert torch.equal(vals, vals_N[torch.isin(cand_N, idx)])
+    assert kernels.top_n(pre_BF, bias_F, cand_N, n, float(top.values[-1])) is None  # only n - 1 above that cut
+    if n < cand_N.numel():  # without the bias, one more candidate equal to the n-th value: a tie straddling it
+        plain_N = pre_BF.view(-1)[cand_N]
+        kth = plain_N.topk(n).values[-1]
+        tied = pre_BF.clone()
+        tied.view(-1)[cand_N[(plain_N < kth).nonzero()[0, 0]]] = kth
+        assert kernels.top_n(pre_BF, None, cand_N, n, -float("inf")) is not None
+        assert kernels.top_n(tied, None, cand_N, n, -float("inf")) is None

@@ -17,6 +17,18 @@ from workbench.dist import Collective
 if TYPE_CHECKING:
     from workbench.sae.modules import SAE
 
+CPU_KERNELS = True  # the CPU kernels (workbench.sae.kernels) for tensors on CPU; False: torch's operations everywhere
+
+
+def _cpu_kernels(pre_BF: torch.Tensor):
+    """workbench.sae.kernels when they take pre_BF (float32, contiguous, on CPU), else None. Imported on
+    first use: numba takes a second to import, and a process that never selects on CPU does not need it."""
+    if not (CPU_KERNELS and pre_BF.device.type == "cpu" and pre_BF.dtype == torch.float32 and pre_BF.dim() == 2
+            and pre_BF.is_contiguous()):
+        return None
+    from workbench.sae import kernels
+    return kernels
+
 
 @dataclass
 class Kept:
@@ -67,8 +79,12 @@ class Kept:
     def _by_column(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(the column-major order of the entries, their rows in it, the column pointers [F + 1])."""
         if self._col_order is None:  # the entries are row-major: a stable sort by column
-            order = torch.sort(self.cols.to(torch.int32), stable=True).indices
-            self._col_order = (order, self.rows.index_select(0, order), _crow(self.cols, self.shape[1]))
+            if CPU_KERNELS and self.cols.device.type == "cpu":
+                from workbench.sae import kernels
+                self._col_order = kernels.by_column(self.rows, self.cols, self.shape[1])
+            else:
+                order = torch.sort(self.cols.to(torch.int32), stable=True).indices
+                self._col_order = (order, self.rows.index_select(0, order), _crow(self.cols, self.shape[1]))
         return self._col_order
 
     def dense(self, vals_N: torch.Tensor) -> torch.Tensor:
@@ -131,7 +147,8 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
 
     A quantile of a strided sample gives a cut that leaves ~1.5x n candidates above it; the n-th
     largest value is then found among the candidates only (one pass over the whole of [B, F]: the CPU
-    kernel, else a compare and `nonzero`; every other pass is over the candidates). Without the bias in pre_BF, the compare
+    kernel, else a compare and `nonzero`; every other pass is over the candidates, on CPU by the radix
+    selection of `kernels.top_n`). Without the bias in pre_BF, the compare
     is against cut - bias_F - margin a latent (margin: far above the rounding of the two subtractions),
     and the candidates count only if at least n of their exact values exceed the cut itself: then
     every entry left out is below the cut, hence below the n-th largest. Too few candidates, or a tie
@@ -150,7 +167,12 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
         else:
             margin = 1e-4 * (abs(cut) + float(bias_F.abs().max()))
             cand_idx = _entries_above(pre_BF, (cut - margin) - bias_F, n)
-        if cand_idx.numel() >= n:
+        kernels = _cpu_kernels(pre_BF)
+        if kernels is not None and cand_idx.numel() >= n:
+            picked = kernels.top_n(pre_BF, bias_F, cand_idx, n, cut)
+            if picked is not None:
+                return picked
+        elif cand_idx.numel() >= n:
             cand_vals = flat.index_select(0, cand_idx)
             if bias_F is not None:
                 cand_vals += bias_F.index_select(0, _row_col(cand_idx, F)[1])
@@ -163,19 +185,6 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
         flat = (pre_BF + bias_F).reshape(-1)
     idx = torch.relu(flat).topk(n, sorted=False).indices.sort().values
     return idx, flat.index_select(0, idx)
-
-
-CPU_KERNELS = True  # the selections' CPU kernels (workbench.sae.kernels); False: torch's operations everywhere
-
-
-def _cpu_kernels(pre_BF: torch.Tensor):
-    """workbench.sae.kernels when they take pre_BF (float32, contiguous, on CPU), else None. Imported on
-    first use: numba takes a second to import, and a process that never selects on CPU does not need it."""
-    if not (CPU_KERNELS and pre_BF.device.type == "cpu" and pre_BF.dtype == torch.float32 and pre_BF.dim() == 2
-            and pre_BF.is_contiguous()):
-        return None
-    from workbench.sae import kernels
-    return kernels
 
 
 def _entries_above(pre_BF: torch.Tensor, thr_F: torch.Tensor, n: int) -> torch.Tensor:
