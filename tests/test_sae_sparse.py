@@ -94,6 +94,25 @@ def test_a_tie_straddling_the_cut_is_broken_as_topk_breaks_it():
     assert set((kept.rows * 1024 + kept.cols).tolist()) == _topk_set(pre_BF, n)
 
 
+@pytest.mark.usefixtures("selection_path")
+def test_selection_of_a_tensor_that_carries_autograd_keeps_the_graph():
+    # What `SAE.encode` does under autograd (attribution, a hand-written training loop): the kept values
+    # and their gradient are the dense topk's, on either route.
+    g = torch.Generator().manual_seed(3)
+    x_BD, W_DF = torch.randn(128, 16, generator=g), torch.randn(16, 512, generator=g).requires_grad_()
+    b_F = (torch.randn(512, generator=g) * 0.1).requires_grad_()
+    pre_BF = x_BD @ W_DF
+    kept, vals_N = batch_topk_select(pre_BF, 8 * 128, bias_F=b_F)
+    biased_BF = torch.relu(pre_BF + b_F)
+    assert set((kept.rows * 512 + kept.cols).tolist()) == _topk_set(biased_BF, 8 * 128)
+    assert vals_N.requires_grad
+    grads = torch.autograd.grad(vals_N.square().sum(), (W_DF, b_F), retain_graph=True)
+    ref_BF = batch_topk(biased_BF, 8)
+    ref = torch.autograd.grad(ref_BF.square().sum(), (W_DF, b_F))
+    for got, want in zip(grads, ref, strict=True):
+        torch.testing.assert_close(got, want)  # sums of the same terms in other orders
+
+
 class ThreadComm:
     """A stand-in for Accelerate across `world` threads: cat concatenates in rank order."""
 

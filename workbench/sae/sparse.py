@@ -20,11 +20,14 @@ if TYPE_CHECKING:
 CPU_KERNELS = True  # the CPU kernels (workbench.sae.kernels) for tensors on CPU; False: torch's operations everywhere
 
 
-def _cpu_kernels(pre_BF: torch.Tensor):
-    """workbench.sae.kernels when they take pre_BF (float32, contiguous, on CPU), else None. Imported on
-    first use: numba takes a second to import, and a process that never selects on CPU does not need it."""
+def _cpu_kernels(pre_BF: torch.Tensor, bias_F: torch.Tensor | None = None):
+    """workbench.sae.kernels when they take pre_BF (float32, contiguous, on CPU, and no autograd graph to
+    carry: the kernels' values are plain arrays), else None. Imported on first use: numba takes a second to
+    import, and a process that never selects on CPU does not need it."""
     if not (CPU_KERNELS and pre_BF.device.type == "cpu" and pre_BF.dtype == torch.float32 and pre_BF.dim() == 2
             and pre_BF.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and (pre_BF.requires_grad or (bias_F is not None and bias_F.requires_grad)):
         return None
     from workbench.sae import kernels
     return kernels
@@ -165,9 +168,9 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
         if bias_F is None:
             cand_idx = _entries_above(pre_BF, pre_BF.new_full((F,), cut), n)
         else:
-            margin = 1e-4 * (abs(cut) + float(bias_F.abs().max()))
+            margin = 1e-4 * (abs(cut) + float(bias_F.detach().abs().max()))
             cand_idx = _entries_above(pre_BF, (cut - margin) - bias_F, n)
-        kernels = _cpu_kernels(pre_BF)
+        kernels = _cpu_kernels(pre_BF, bias_F)
         if kernels is not None and cand_idx.numel() >= n:
             picked = kernels.top_n(pre_BF, bias_F, cand_idx, n, cut)
             if picked is not None:
@@ -190,6 +193,7 @@ def _topk_entries(pre_BF: torch.Tensor, n: int, bias_F: torch.Tensor | None) -> 
 def _entries_above(pre_BF: torch.Tensor, thr_F: torch.Tensor, n: int) -> torch.Tensor:
     """The sorted flat indices of pre_BF > thr_F (a threshold a column; 2n-3n of them expected): one pass of
     the CPU kernel, else the compare and `nonzero`."""
+    pre_BF, thr_F = pre_BF.detach(), thr_F.detach()  # indices only
     kernels = _cpu_kernels(pre_BF)
     if kernels is not None:
         return kernels.entries_above(pre_BF, thr_F, 4 * n)
@@ -213,7 +217,7 @@ def auxk_select(pre_BF: torch.Tensor, dead_M: torch.Tensor, k_aux: int,
     B, F = pre_BF.shape
     M = dead_M.numel()
     k_aux = min(k_aux, M)
-    kernels = _cpu_kernels(pre_BF)
+    kernels = _cpu_kernels(pre_BF, bias_F)
     if kernels is not None:  # one pass a row on CPU (pre_BF is left as it is)
         rows_N, cols_N, vals_N, tied_T = kernels.row_top(pre_BF, dead_M, k_aux, bias_F)
         if tied_T.numel():
