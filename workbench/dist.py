@@ -6,6 +6,7 @@ the two rules every stage follows under it, and the collectives of data-parallel
                                     hands its result, or its failure, to every process
     Collective                      what the batch top-k selection needs across processes (rank, cat)
     Comm                            the training step's collectives (a Collective, plus sum and mean)
+    close_process_group             the group destroyed at the end of a command (`workbench.cli.main`)
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ def process_state(cpu: bool = False):
     from accelerate.utils import parse_flag_from_env
 
     return PartialState(cpu=cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def close_process_group(ok: bool) -> None:
+    """Destroy the process group `accelerate launch` started, while the interpreter is still whole. Left to
+    interpreter shutdown, gloo's worker threads can abort the process after its work is done ("terminate called
+    without an active exception", exit -6: pytorch/pytorch#190489). After a failure only a gloo group is
+    destroyed: destroying an NCCL group waits on the other processes, which may be stuck in a collective
+    (pytorch/torchtitan#1342)."""
+    import torch.distributed as td
+
+    if not (td.is_available() and td.is_initialized()):
+        return
+    if ok or td.get_backend() == "gloo":
+        td.destroy_process_group()
 
 
 def resolve_device(spec: str | None, state, name: str) -> torch.device:
