@@ -58,7 +58,8 @@ def command(which: str, recipe: Path, *extra: str) -> subprocess.Popen:
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
     out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
+    errors = "\n".join(line for line in out.splitlines() if "workbench" in line and "error:" in line)
+    assert proc.returncode == 0, f"{errors}\n{out[-3000:]}"  # the one-line errors first: a peer's traceback follows them
     return out
 
 
