@@ -431,19 +431,17 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_bars()
     if args.progress_every is not None:  # the environment reaches every process and stage that draws progress
         os.environ[ENV] = repr(args.progress_every)
-    code = 1
+    from workbench.dist import close_process_group
+
+    code = 1  # an exception of any other kind propagates with it
     try:
         code = args.func(args)
-        return code
     except WorkbenchError as err:
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)
         code = 2
-        return code
     except KeyboardInterrupt:
         print(f"workbench {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         code = 130
-        return code
     finally:
-        from workbench.dist import close_process_group
-
         close_process_group(ok=code == 0)
+    return code
